@@ -1,0 +1,170 @@
+"""RoutePlan: who goes where, computed once per forward from the masks.
+
+A plan says, for every token of a ``[B, L]`` batch, whether it is *text* (stays in the main stack),
+*image* (leaves for the side branch at the routing layer) or *pad* (attention_mask 0), and holds the
+packed indices, ``cu_seqlens`` and positions that the route kernels and varlen attention need.
+
+Everything is built with device ops; the one device-to-host sync is a single ``.tolist()`` of the
+``2 x B`` segment lengths, which output shapes and varlen attention (max lengths) need anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class RoutePlan:
+    """Packed layout of the text and image streams of one batch.
+
+    Streams are sample-major and in ascending position within a sample. The packed buffer of
+    ``route_split`` holds the text stream first, then the image stream.
+    """
+
+    batch_size: int
+    seq_len: int
+    num_text: int
+    num_image: int
+    gather_index: Tensor
+    """int64 [T + V]: flat row (``b * L + l``) of each packed row, text rows first."""
+    merge_index: Tensor
+    """int64 [B * L]: packed row of each flat row (text in [0, T), image in [T, T + V)), -1 for pad."""
+    text_cu_seqlens: Tensor
+    """int32 [B + 1]: text segment boundaries in the text stream."""
+    image_cu_seqlens: Tensor
+    """int32 [B + 1]: image segment boundaries in the image stream."""
+    max_text_len: int
+    max_image_len: int
+    text_seqlens: tuple[int, ...]
+    """Text tokens per sample, on the host (per-segment attention loops over them)."""
+    image_seqlens: tuple[int, ...]
+    """Image tokens per sample, on the host."""
+    text_position_ids: Tensor
+    """int64 [T]: the stock position id of each text token."""
+    image_position_ids: Tensor
+    """int64 [V]: the stock position id of each image token."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.gather_index.device
+
+    @property
+    def text_index(self) -> Tensor:
+        return self.gather_index[: self.num_text]
+
+    @property
+    def image_index(self) -> Tensor:
+        return self.gather_index[self.num_text :]
+
+    @property
+    def pad_mask(self) -> Tensor:
+        """bool [B, L]: True at pad positions."""
+        return (self.merge_index < 0).view(self.batch_size, self.seq_len)
+
+    def __repr__(self) -> str:
+        return (
+            f"RoutePlan(B={self.batch_size}, L={self.seq_len}, text={self.num_text} (max {self.max_text_len}), "
+            f"image={self.num_image} (max {self.max_image_len}), device={self.device})"
+        )
+
+
+def _check_2d(name: str, t: Tensor, shape: tuple[int, int]) -> None:
+    if t.dim() != 2 or tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape [B, L] = {list(shape)}, got {list(t.shape)}")
+
+
+def build_route_plan_from_mask(
+    image_mask: Tensor,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+) -> RoutePlan:
+    """Build a plan from a boolean image mask ``[B, L]`` (True at image tokens).
+
+    ``attention_mask`` ``[B, L]`` (1 = real token, 0 = pad; ``None`` = no padding) decides pad roles; an
+    image token with attention_mask 0 is pad. ``position_ids`` (``[B, L]`` or ``[1, L]``) are the stock
+    positions; ``None`` means ``arange(L)``, what the stock decoder uses for a prefill without them.
+    """
+    if image_mask.dim() != 2:
+        raise ValueError(f"image_mask must be 2-D [B, L], got shape {list(image_mask.shape)}")
+    bsz, seq_len = image_mask.shape
+    if bsz == 0 or seq_len == 0:
+        raise ValueError(f"cannot route an empty batch (B={bsz}, L={seq_len})")
+    device = image_mask.device
+    image_mask = image_mask.bool()
+    if attention_mask is None:
+        valid = torch.ones_like(image_mask)
+    else:
+        _check_2d("attention_mask", attention_mask, (bsz, seq_len))
+        if attention_mask.device != device:
+            raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {device}: move both to one device")
+        valid = attention_mask.bool()
+    if position_ids is None:
+        positions = torch.arange(seq_len, device=device).expand(bsz, seq_len)
+    else:
+        if position_ids.dim() != 2 or position_ids.shape[1] != seq_len or position_ids.shape[0] not in (1, bsz):
+            raise ValueError(f"position_ids must have shape [B, L] or [1, L] with L={seq_len}, got {list(position_ids.shape)}")
+        positions = position_ids.to(device=device, dtype=torch.long).expand(bsz, seq_len)
+
+    is_image = image_mask & valid
+    is_text = valid & ~image_mask
+    text_counts = is_text.sum(1)
+    image_counts = is_image.sum(1)
+    # The only host sync: the segment lengths, needed for shapes and varlen attention.
+    text_seqlens, image_seqlens = torch.stack([text_counts, image_counts]).tolist()
+    num_text, num_image = sum(text_seqlens), sum(image_seqlens)
+
+    flat_text = is_text.reshape(-1)
+    flat_image = is_image.reshape(-1)
+    text_rank = flat_text.cumsum(0) - 1
+    image_rank = flat_image.cumsum(0) - 1 + num_text
+    merge_index = torch.where(flat_text, text_rank, torch.where(flat_image, image_rank, -1))
+    # Invert merge_index without a nonzero() (which would sync): pad rows land in a spare last slot.
+    dest = torch.where(merge_index >= 0, merge_index, num_text + num_image)
+    gather_index = torch.empty(num_text + num_image + 1, dtype=torch.long, device=device)
+    gather_index.scatter_(0, dest, torch.arange(bsz * seq_len, device=device))
+    gather_index = gather_index[: num_text + num_image]
+
+    zero = torch.zeros(1, dtype=torch.int32, device=device)
+    text_cu = torch.cat([zero, text_counts.cumsum(0).to(torch.int32)])
+    image_cu = torch.cat([zero, image_counts.cumsum(0).to(torch.int32)])
+    flat_pos = positions.reshape(-1)
+    return RoutePlan(
+        batch_size=bsz,
+        seq_len=seq_len,
+        num_text=num_text,
+        num_image=num_image,
+        gather_index=gather_index,
+        merge_index=merge_index,
+        text_cu_seqlens=text_cu,
+        image_cu_seqlens=image_cu,
+        max_text_len=max(text_seqlens),
+        max_image_len=max(image_seqlens),
+        text_seqlens=tuple(text_seqlens),
+        image_seqlens=tuple(image_seqlens),
+        text_position_ids=flat_pos.index_select(0, gather_index[:num_text]),
+        image_position_ids=flat_pos.index_select(0, gather_index[num_text:]),
+    )
+
+
+def build_route_plan(
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    image_token_id: int,
+    position_ids: Tensor | None = None,
+) -> RoutePlan:
+    """Build the :class:`RoutePlan` of a batch: image tokens are ``input_ids == image_token_id``.
+
+    Args:
+        input_ids: int ``[B, L]``.
+        attention_mask: ``[B, L]``, 1 for real tokens and 0 for padding; ``None`` means no padding.
+        image_token_id: the model's ``config.image_token_id``.
+        position_ids: the stock positions (``[B, L]`` or ``[1, L]``); ``None`` means ``arange(L)``.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2-D [B, L], got shape {list(input_ids.shape)}")
+    if input_ids.is_floating_point():
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    return build_route_plan_from_mask(input_ids == image_token_id, attention_mask, position_ids)
