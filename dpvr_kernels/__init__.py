@@ -1,0 +1,31 @@
+"""dpvr-kernels: DPVR-LF (late-layer fusion) for Hugging Face LLaVA models.
+
+``dpvr_kernels.patch(model)`` routes the image tokens at a middle layer into a one-layer side branch,
+runs the deep layers on the text tokens alone (packed, varlen attention) and fuses both streams back at
+the last layer. See DESIGN.md for the exact semantics.
+"""
+
+from . import reference
+from .config import DPVRConfig
+from .flops import cost_model
+from .models.llava import describe, is_patched, kv_cache_bytes, patch, unpatch
+from .ops import fuse_merge, route_split
+from .plan import RoutePlan, build_route_plan, build_route_plan_from_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DPVRConfig",
+    "RoutePlan",
+    "cost_model",
+    "describe",
+    "is_patched",
+    "kv_cache_bytes",
+    "patch",
+    "reference",
+    "unpatch",
+    "build_route_plan",
+    "build_route_plan_from_mask",
+    "fuse_merge",
+    "route_split",
+]

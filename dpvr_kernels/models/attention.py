@@ -1,0 +1,127 @@
+"""Varlen attention for the packed text stream and the side branch.
+
+The stock decoder layers run unchanged on packed ``[1, T, D]`` input; the patch points their attention
+modules at ``"dpvr_varlen"``, registered with transformers' ``AttentionInterface``. With a
+:class:`VarlenSegments` in the kwargs (prefill) it attends causally within each sample's segment, by
+the first of: flash-attn ``flash_attn_varlen_func``, torch ``varlen_attn`` (CUDA), SDPA per segment.
+Without one (decode steps of the deep layers) it is SDPA with the explicit mask the patched forward
+builds for the text-only cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import AttentionInterface
+
+ATTN_NAME = "dpvr_varlen"
+
+
+@dataclass(frozen=True)
+class VarlenSegments:
+    """Segments of a packed stream: ``cu_seqlens`` (int32, device) and the same lengths on the host."""
+
+    cu_seqlens: Tensor
+    seqlens: tuple[int, ...]
+    max_seqlen: int
+
+
+def _flash_attn_varlen():
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """Which varlen path runs for tensors of this device and dtype."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type == "cuda" and half and _flash_attn_varlen() is not None:
+        return "flash_attn"
+    if device.type == "cuda" and half and _torch_varlen() is not None:
+        return "torch_varlen"
+    return "sdpa_per_segment"
+
+
+def _sdpa_per_segment(q: Tensor, k: Tensor, v: Tensor, seg: VarlenSegments, scale: float, dropout: float) -> Tensor:
+    # q: [H, T, Dh], k/v: [Hkv, T, Dh] -> [T, H, Dh]
+    gqa = q.shape[0] != k.shape[0]
+    outs, start = [], 0
+    for n in seg.seqlens:
+        if n:
+            sl = slice(start, start + n)
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[:, sl], k[:, sl], v[:, sl], dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa
+                )
+            )
+        start += n
+    out = torch.cat(outs, dim=1) if outs else q.new_empty(q.shape)
+    return out.transpose(0, 1)
+
+
+def dpvr_varlen_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    dpvr_segments: VarlenSegments | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """Attention for the text stream and side branch; signature of transformers' attention functions.
+
+    ``query`` ``[B, H, q, Dh]``, ``key``/``value`` ``[B, Hkv, k, Dh]``; returns ``[B, q, H, Dh]``.
+    """
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError("DPVR-LF varlen attention does not return attention weights")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if dpvr_segments is None:
+        # Decode step of a deep layer: the patched forward passes a boolean mask over the text-only cache.
+        gqa = query.shape[1] != key.shape[1]
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scale, enable_gqa=gqa
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
+        raise RuntimeError("varlen attention expects packed [1, H, T, Dh] queries and keys of the same stream")
+    q, k, v = query[0], key[0], value[0]  # [H, T, Dh]
+    path = varlen_backend(q.device, q.dtype)
+    if path == "flash_attn":
+        out = _flash_attn_varlen()(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), dpvr_segments.cu_seqlens,
+            dpvr_segments.cu_seqlens, dpvr_segments.max_seqlen, dpvr_segments.max_seqlen,
+            dropout_p=dropout, softmax_scale=scale, causal=True,
+        )
+    elif path == "torch_varlen" and dropout == 0.0:
+        out = _torch_varlen()(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), dpvr_segments.cu_seqlens,
+            dpvr_segments.cu_seqlens, dpvr_segments.max_seqlen, dpvr_segments.max_seqlen,
+            scale=scale, window_size=(-1, 0), enable_gqa=q.shape[0] != k.shape[0],
+        )
+    else:
+        out = _sdpa_per_segment(q, k, v, dpvr_segments, scale, dropout)
+    return out.unsqueeze(0), None
+
+
+def register() -> None:
+    """Register ``"dpvr_varlen"`` with transformers' AttentionInterface (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, dpvr_varlen_attention)
