@@ -35,7 +35,6 @@ from . import attention
 from .attention import ATTN_NAME, VarlenSegments
 
 SIDE_BRANCH = "dpvr_side_branch"
-_SIDE_BRANCH_PREFIX = f"model.language_model.{SIDE_BRANCH}."
 
 # The image mask of the current LLaVA call, handed from the LlavaModel wrapper (which sees input_ids)
 # to the language model forward (which only sees embeddings).
@@ -356,8 +355,10 @@ def _load_saved_side_branch(model: nn.Module, side: nn.Module) -> bool:
             continue
         with safe_open(os.path.join(path, name), framework="pt") as f:
             for key in f.keys():
-                if key.startswith(_SIDE_BRANCH_PREFIX):
-                    state[key[len(_SIDE_BRANCH_PREFIX) :]] = f.get_tensor(key)
+                # transformers may rewrite the prefix on save (e.g. language_model.model.*): match the module
+                _, sep, rest = key.partition(f"{SIDE_BRANCH}.")
+                if sep:
+                    state[rest] = f.get_tensor(key)
     if not state:
         return False
     ref = next(side.parameters())
