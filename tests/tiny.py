@@ -36,6 +36,9 @@ def tiny_llava(backbone: str = "llama", layers: int = 6, kv_heads: int = 2, attn
                dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(tiny_config(backbone, layers, kv_heads, attn))
+    # A random model may emit the image token id, which DPVR-LF refuses in decode steps (as it should):
+    # keep it out of generations, as a trained LLaVA never produces it.
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN]
     return model.to(dtype).eval()
 
 
