@@ -180,7 +180,7 @@ def test_image_token_count_mismatch():
     ids, mask, pv = make_batch(LAYOUTS["image_middle"])
     ids[0, -1] = IMAGE_TOKEN  # one extra image token
     model = dpvr_kernels.patch(tiny_llava())
-    with pytest.raises(ValueError, match="image tokens.*per image"):
+    with pytest.raises(ValueError, match="image tokens do not match.*per image"):
         model(input_ids=ids, attention_mask=mask, pixel_values=pv)
 
 

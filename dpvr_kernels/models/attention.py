@@ -11,6 +11,7 @@ builds for the text-only cache.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,11 @@ def _torch_varlen():
     except ImportError:
         return None
     return varlen_attn
+
+
+def _varlen_has_gqa() -> bool:
+    # torch 2.11's varlen_attn has no enable_gqa (added later): expand the KV heads ourselves there.
+    return "enable_gqa" in inspect.signature(_torch_varlen()).parameters
 
 
 def varlen_backend(device: torch.device, dtype: torch.dtype) -> str:
@@ -112,10 +118,17 @@ def dpvr_varlen_attention(
             dropout_p=dropout, softmax_scale=scale, causal=True,
         )
     elif path == "torch_varlen" and dropout == 0.0:
+        gqa = {}
+        if q.shape[0] != k.shape[0]:
+            if _varlen_has_gqa():
+                gqa = {"enable_gqa": True}
+            else:
+                k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+                v = v.repeat_interleave(q.shape[0] // v.shape[0], dim=0)
         out = _torch_varlen()(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), dpvr_segments.cu_seqlens,
             dpvr_segments.cu_seqlens, dpvr_segments.max_seqlen, dpvr_segments.max_seqlen,
-            scale=scale, window_size=(-1, 0), enable_gqa=q.shape[0] != k.shape[0],
+            scale=scale, window_size=(-1, 0), **gqa,
         )
     else:
         out = _sdpa_per_segment(q, k, v, dpvr_segments, scale, dropout)

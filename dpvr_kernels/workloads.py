@@ -1,0 +1,108 @@
+"""LLaVA-shaped models with random weights and synthetic image+text batches (no downloads).
+
+One place for what the demo, the CLI, the benchmarks and the examples run: a model built from a config
+and prompts laid out like LLaVA's (a few text tokens, the image tokens, the question).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor
+    attention_mask: Tensor
+    pixel_values: Tensor | None
+    image_tokens: int
+    """Image tokens per sample."""
+    text_tokens: int
+    """Text tokens per sample (without padding)."""
+
+    def as_kwargs(self) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": self.pixel_values}
+
+
+def tokens_per_image(config) -> int:
+    vc = config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    return n + 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else n
+
+
+def build_model(config, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                attn: str = "sdpa", seed: int = 0):
+    """A ``LlavaForConditionalGeneration`` with random weights, in eval mode."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = copy.deepcopy(config)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
+    model = model.to(dtype).eval()
+    # A random model may emit the image token id; a trained LLaVA never does, and DPVR-LF refuses it in decode.
+    model.generation_config.suppress_tokens = [config.image_token_id]
+    model.generation_config.eos_token_id = None  # random weights: run every requested step
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def synthetic_batch(config, batch: int, text_tokens: int, images: int = 1, pad: int = 0, seed: int = 0,
+                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Batch:
+    """``batch`` prompts of up to ``text_tokens`` text tokens around ``images`` images, left-padded.
+
+    Layout per sample: up to 5 text tokens (a system prefix), the images, the rest of the text. Sample
+    ``b`` has ``b * pad // max(batch - 1, 1)`` fewer text tokens and as many pad tokens on the left, so
+    prompt lengths differ as in a real batch (``pad=0``: no padding).
+    """
+    if pad >= text_tokens:
+        raise ValueError(f"pad ({pad}) must be smaller than text_tokens ({text_tokens})")
+    g = torch.Generator().manual_seed(seed)
+    per_image = tokens_per_image(config)
+    prefix = min(5, text_tokens - pad)
+    length = text_tokens + images * per_image
+    ids = torch.zeros(batch, length, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for b in range(batch):
+        n_pad = b * pad // max(batch - 1, 1)
+        text = torch.randint(3, config.text_config.vocab_size, (text_tokens - n_pad,), generator=g)
+        text[text == config.image_token_id] = 3
+        image = torch.full((images * per_image,), config.image_token_id)
+        ids[b, n_pad:] = torch.cat([text[:prefix], image, text[prefix:]])
+        mask[b, n_pad:] = 1
+    vc = config.vision_config
+    pixels = None
+    if images:
+        pixels = torch.randn(batch * images, vc.num_channels, vc.image_size, vc.image_size, generator=g)
+        pixels = pixels.to(device=device, dtype=dtype)
+    return Batch(ids.to(device), mask.to(device), pixels, images * per_image, text_tokens)
+
+
+def prefill(model, batch: Batch, use_cache: bool = True):
+    """One forward over the prompts; returns (next greedy tokens ``[B, 1]``, cache)."""
+    from .models.llava import _CACHE_KW
+
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(**batch.as_kwargs(), position_ids=pos, use_cache=use_cache, logits_to_keep=1)
+    return out.logits[:, -1].argmax(-1, keepdim=True), getattr(out, _CACHE_KW)
+
+
+def decode(model, batch: Batch, first_tokens: Tensor, cache, steps: int) -> Tensor:
+    """``steps`` greedy decode steps after :func:`prefill` (what generate does, without its overhead)."""
+    from .models.llava import _CACHE_KW
+
+    mask = batch.attention_mask
+    pos = mask.sum(-1, keepdim=True) - 1
+    tokens, out_tokens = first_tokens, [first_tokens]
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
+        pos = pos + 1
+        out = model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
+                    **{_CACHE_KW: cache})
+        tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+        out_tokens.append(tokens)
+    return torch.cat(out_tokens, dim=1)
