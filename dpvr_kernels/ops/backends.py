@@ -7,6 +7,8 @@ Backends differ only in the kernel; semantics, validation and autograd live in o
 - ``"cpu"``: the compiled extension's C++ kernel (parallel loop).
 - ``"torch"``: plain torch indexing, the reference; always available.
 - ``"auto"``: on CUDA the extension's CUDA kernel, else Triton; on CPU the extension, else torch.
+  On an H200 the extension's kernels ran at 81-94% of a device copy (benchmarks/results/gpu_notes.md);
+  Triton has not been timed on a GPU yet, so the measured kernel is the default.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "ext"
     if device.type == "cuda" and triton_available(device):
         return "triton"
-    if _extension.load(warn=True) is None or device.type == "cuda":
+    if _extension.load(warn=True) is not None and device.type in ("cpu", "cuda"):
+        # the extension loaded but has no kernel for this device (e.g. built without CUDA)
         _warn_once(f"fallback-{device.type}", f"dpvr_kernels: no compiled kernel for {device.type}; using torch indexing")
     return "torch"

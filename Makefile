@@ -1,0 +1,36 @@
+# Everything a fresh machine needs: a venv, torch 2.13.0 (the CPU wheel), the package with its compiled
+# extension and test extras. `make demo` and `make test` install first when needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dpvr-installed
+
+.PHONY: install demo test bench lint gpu-check clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "setuptools>=64" wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q ninja pybind11
+	$(PY) -m pip install -q -e ".[test]" --no-build-isolation
+	$(PY) -c "from dpvr_kernels.ops import _extension as e; assert e.available(), e.unavailable_reason()"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m dpvr_kernels demo
+
+test: $(STAMP)
+	$(PY) -m ruff check dpvr_kernels tests benchmarks examples
+	bash scripts/check_cuda_compile.sh
+	$(PY) -m pytest tests -q
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only -q
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build *.egg-info dpvr_kernels/_C*.so .pytest_cache .benchmarks
