@@ -11,6 +11,7 @@ from .flops import cost_model
 from .models.llava import describe, is_patched, kv_cache_bytes, patch, unpatch
 from .ops import fuse_merge, route_split
 from .plan import RoutePlan, build_route_plan, build_route_plan_from_mask
+from .training import distill_side_branch, distillation_loss, mark_trainable
 
 __version__ = "0.1.0"
 
@@ -19,8 +20,11 @@ __all__ = [
     "RoutePlan",
     "cost_model",
     "describe",
+    "distill_side_branch",
+    "distillation_loss",
     "is_patched",
     "kv_cache_bytes",
+    "mark_trainable",
     "patch",
     "reference",
     "unpatch",
