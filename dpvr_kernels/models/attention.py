@@ -71,10 +71,12 @@ def _sdpa_per_segment(q: Tensor, k: Tensor, v: Tensor, seg: VarlenSegments, scal
     for n in seg.seqlens:
         if n:
             sl = slice(start, start + n)
+            # 4-D inputs: with 3-D ones SDPA on CPU takes its slow math path (n x n scores in memory)
             outs.append(
                 F.scaled_dot_product_attention(
-                    q[:, sl], k[:, sl], v[:, sl], dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa
-                )
+                    q[None, :, sl], k[None, :, sl], v[None, :, sl], dropout_p=dropout, is_causal=True, scale=scale,
+                    enable_gqa=gqa,
+                )[0]
             )
         start += n
     out = torch.cat(outs, dim=1) if outs else q.new_empty(q.shape)
