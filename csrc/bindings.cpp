@@ -107,8 +107,9 @@ int64_t row_stride_bytes(const at::Tensor& t, int64_t dim) { return t.stride(dim
 // ---------------------------------------------------------------- CPU
 
 // A fresh multi-MB output is a new mmap that the first write faults in 4 KiB page by page; on a
-// machine with transparent huge pages in "madvise" mode, asking for huge pages cuts ~500x fewer
-// faults. Only this buffer's pages are affected; where it is not supported this is a no-op.
+// machine with transparent huge pages in "madvise" mode, asking for huge pages takes ~40x fewer
+// faults (measured: 20k -> 0.5k per 84 MB). Only this buffer's pages are affected; where it is not
+// supported this is a no-op.
 at::Tensor empty_for_copy(at::IntArrayRef shape, const at::TensorOptions& options) {
   at::Tensor out = at::empty(shape, options);
 #ifdef __linux__
@@ -117,7 +118,10 @@ at::Tensor empty_for_copy(at::IntArrayRef shape, const at::TensorOptions& option
   const uintptr_t end = begin + out.nbytes();
   const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t last = end & ~(kHuge - 1);
-  if (last > first) {
+  unsigned char resident = 1;
+  // Only a fresh mapping (its first page not yet resident) gains: heap memory that malloc hands out
+  // again is already faulted in, and re-advising it only splits and re-faults its pages.
+  if (last > first && mincore(reinterpret_cast<void*>(first), 1, &resident) == 0 && !(resident & 1)) {
     madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advisory: errors are ignored
   }
 #endif
