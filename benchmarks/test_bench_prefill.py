@@ -35,13 +35,10 @@ def _sync(fn):
 
 @pytest.fixture(scope="module")
 def model():
-    m = build_model(CONFIG, dtype=DTYPE, device=DEVICE, attn="sdpa")
-    yield m
-    if dpvr_kernels.is_patched(m):
-        dpvr_kernels.unpatch(m)
+    return build_model(CONFIG, dtype=DTYPE, device=DEVICE, attn="sdpa")
 
 
-def _ideal(batch_size, model_):
+def _ideal(batch_size):
     n = CONFIG.text_config.num_hidden_layers
     r = dpvr_kernels.flops.default_route_layer(n)
     per_image = synthetic_batch(CONFIG, 1, TEXT).image_tokens
@@ -49,25 +46,33 @@ def _ideal(batch_size, model_):
     return rep.ideal_prefill_speedup
 
 
+def _use(model, backend: str | None) -> None:
+    """Stock model for ``None``, else patched with that route-kernel backend."""
+    current = model.config.dpvr["backend"] if dpvr_kernels.is_patched(model) else None
+    if current == backend:
+        return
+    if current is not None:
+        dpvr_kernels.unpatch(model)
+    if backend is not None:
+        dpvr_kernels.patch(model, backend=backend)
+
+
 @pytest.mark.parametrize("batch_size", BATCHES)
-@pytest.mark.parametrize("variant", ["stock", "dpvr", "reference"])
+@pytest.mark.parametrize("variant", ["stock", "dpvr", "dpvr_torch_kernels", "reference"])
 def test_prefill(benchmark, record, model, batch_size, variant):
+    """``dpvr``: the fast path (auto kernels); ``dpvr_torch_kernels``: the same forward with plain torch
+    indexing for route/merge (a plain-torch packed forward); ``reference``: per-sample loops."""
     if variant == "reference" and CUDA and batch_size > 1:
         pytest.skip("the per-sample reference is a CPU oracle; one GPU batch size is enough")
     batch = synthetic_batch(CONFIG, batch_size, TEXT, device=DEVICE, dtype=DTYPE)
-    if variant == "stock":
-        if dpvr_kernels.is_patched(model):
-            dpvr_kernels.unpatch(model)
-        fn = _sync(lambda: model(**batch.as_kwargs(), use_cache=False))
+    _use(model, {"stock": None, "dpvr_torch_kernels": "torch"}.get(variant, "auto"))
+    if variant == "reference":
+        fn = _sync(lambda: reference_forward(model, batch.input_ids, batch.pixel_values, batch.attention_mask))
     else:
-        if not dpvr_kernels.is_patched(model):
-            dpvr_kernels.patch(model)
-        if variant == "dpvr":
-            fn = _sync(lambda: model(**batch.as_kwargs(), use_cache=False))
-        else:
-            fn = _sync(lambda: reference_forward(model, batch.input_ids, batch.pixel_values, batch.attention_mask))
+        fn = _sync(lambda: model(**batch.as_kwargs(), use_cache=False))
     with torch.no_grad():
-        benchmark.pedantic(fn, rounds=5 if CUDA else 3, warmup_rounds=1, iterations=1)
-    group = f"prefill B={batch_size} {batch.image_tokens} img + {TEXT} txt, {CONFIG.text_config.num_hidden_layers} layers x {CONFIG.text_config.hidden_size}, {str(DTYPE)[6:]}"
+        benchmark.pedantic(fn, rounds=5, warmup_rounds=1, iterations=1)
+    group = (f"prefill B={batch_size} {batch.image_tokens} img + {TEXT} txt, {CONFIG.text_config.num_hidden_layers} "
+             f"layers x {CONFIG.text_config.hidden_size}, {str(DTYPE)[6:]}")
     record(benchmark, group=group, name=variant, baseline=variant == "stock",
-           ideal=_ideal(batch_size, model) if variant == "dpvr" else None)
+           ideal=_ideal(batch_size) if variant.startswith("dpvr") else None)
