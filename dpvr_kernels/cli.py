@@ -32,6 +32,8 @@ from .flops import (
     TYPICAL_IMAGE_TOKENS,
     cost_model,
     default_route_layer,
+    fmt_bytes,
+    fmt_si,
     named_config,
     route_layer_table,
     scaled_config,
@@ -188,20 +190,6 @@ def _time_alternating(run: Callable[[], Any], set_mode: Callable[[str], None], r
             if on_run is not None:
                 on_run(mode)
     return times, last
-
-
-def _si(value: float, unit: str) -> str:
-    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f} {prefix}{unit}"
-    return f"{value:.0f} {unit}"
-
-
-def _bytes(value: float) -> str:
-    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f} {unit}"
-    return f"{value:.0f} B"
 
 
 def _seconds(value: float) -> str:
@@ -372,7 +360,7 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return f"{measured:.2f}x measured vs {ideal:.2f}x ideal ({100 * measured / ideal:.0f} % of ideal)"
 
     def kv_note(measured: int, predicted: int) -> str:
-        return "= cost model" if measured == predicted else f"cost model {_bytes(predicted)}"
+        return "= cost model" if measured == predicted else f"cost model {fmt_bytes(predicted)}"
 
     rows: list[tuple[str, ...]] = [
         ("model", model_line),
@@ -384,12 +372,12 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                            f"{r}, [{r},{n_layers - f}) text only, fusion [{n_layers - f},{n_layers})"),
         ("parameters", f"{params_stock:,}", f"{params_dpvr:,}",
          f"side branch {params_side:,} = {100 * params_side / params_dpvr:.2f} % trainable"),
-        ("prefill FLOPs (cost model)", _si(report.flops_stock, "FLOP"), _si(report.flops_dpvr, "FLOP"),
-         f"saved {_si(report.flops_stock - report.flops_dpvr, 'FLOP')} "
+        ("prefill FLOPs (cost model)", fmt_si(report.flops_stock, "FLOP", 2), fmt_si(report.flops_dpvr, "FLOP", 2),
+         f"saved {fmt_si(report.flops_stock - report.flops_dpvr, 'FLOP', 2)} "
          f"({100 * (1 - report.flops_dpvr / report.flops_stock):.1f} %), at the padded length"),
-        ("KV cache, cost model", _bytes(report.kv_bytes_stock), _bytes(report.kv_bytes_dpvr),
+        ("KV cache, cost model", fmt_bytes(report.kv_bytes_stock), fmt_bytes(report.kv_bytes_dpvr),
          f"saved {100 * report.kv_savings:.1f} %"),
-        ("KV cache, measured", _bytes(stock["kv_bytes"]), _bytes(dpvr["kv_bytes"]),
+        ("KV cache, measured", fmt_bytes(stock["kv_bytes"]), fmt_bytes(dpvr["kv_bytes"]),
          f"saved {100 * (1 - dpvr['kv_bytes'] / stock['kv_bytes']):.1f} % "
          f"(stock {kv_note(stock['kv_bytes'], report.kv_bytes_stock)}, "
          f"DPVR {kv_note(dpvr['kv_bytes'], report.kv_bytes_dpvr)})"),
@@ -715,8 +703,8 @@ def _flops_block(label: str, rep: Any, rows: Sequence[dict[str, Any]]) -> str:
         f"  batch {rep.batch} x ({rep.image_tokens} image + {rep.text_tokens} text tokens), {rep.images // rep.batch} "
         f"image(s) of {rep.tokens_per_image} tokens per sample, {n} layers, {f} fusion layer(s), "
         f"KV {rep.dtype_bytes} B/elem",
-        f"  stock: prefill {_si(rep.flops_stock, 'FLOP')} ({rep.flops_stock:,}), KV cache "
-        f"{_bytes(rep.kv_bytes_stock)}; * = default route layer {rep.route_layer}",
+        f"  stock: prefill {fmt_si(rep.flops_stock, 'FLOP', 2)} ({rep.flops_stock:,}), KV cache "
+        f"{fmt_bytes(rep.kv_bytes_stock)}; * = default route layer {rep.route_layer}",
         "",
     ]
     head = (f"  {'route':>6}  {'text-only':>9}  {'prefill FLOPs':>14}  {'ideal':>8}  {'KV cache':>11}  {'KV':>7}  "
@@ -727,8 +715,8 @@ def _flops_block(label: str, rep: Any, rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         mark = "*" if row["route_layer"] == rep.route_layer else " "
         lines.append(
-            f"  {row['route_layer']:>5}{mark}  {row['text_only_layers']:>9}  {_si(row['flops_dpvr'], 'FLOP'):>14}  "
-            f"{row['ideal_prefill_speedup']:>7.3f}x  {_bytes(row['kv_bytes_dpvr']):>11}  "
+            f"  {row['route_layer']:>5}{mark}  {row['text_only_layers']:>9}  {fmt_si(row['flops_dpvr'], 'FLOP', 2):>14}  "
+            f"{row['ideal_prefill_speedup']:>7.3f}x  {fmt_bytes(row['kv_bytes_dpvr']):>11}  "
             f"{100 * row['kv_savings']:>6.1f}%  {row['ideal_decode_speedup']:>7.3f}x"
         )
     return "\n".join(lines)

@@ -386,10 +386,11 @@ def _resolve_config(config: Any) -> tuple[str, _TextShape, _VisionShape | None, 
 # --------------------------------------------------------------------------------------------------------
 
 
-def _si(value: float, unit: str) -> str:
+def fmt_si(value: float, unit: str, digits: int = 3) -> str:
+    """``1.234e12, "FLOP"`` -> ``"1.234 TFLOP"``."""
     for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= scale:
-            return f"{value / scale:.3f} {prefix}{unit}"
+            return f"{value / scale:.{digits}f} {prefix}{unit}"
     return f"{value:.0f} {unit}"
 
 
@@ -400,7 +401,8 @@ def _count(value: float) -> str:
     return f"{value:.0f}"
 
 
-def _bytes(value: float) -> str:
+def fmt_bytes(value: float) -> str:
+    """Bytes in binary units: ``"203.00 MiB"``."""
     for scale, prefix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
         if abs(value) >= scale:
             return f"{value / scale:.2f} {prefix}"
@@ -531,22 +533,22 @@ class CostReport:
             s, d = self.flops_breakdown_stock[key], self.flops_breakdown_dpvr[key]
             lines.append(
                 row(
-                    key.replace("_", " "), _si(s, "FLOP"), _si(d, "FLOP"), f"{_ratio(d, s):.4f}" if s else "-"
+                    key.replace("_", " "), fmt_si(s, "FLOP"), fmt_si(d, "FLOP"), f"{_ratio(d, s):.4f}" if s else "-"
                 )
             )
         lines.append(
             row(
                 "total",
-                _si(self.flops_stock, "FLOP"),
-                _si(self.flops_dpvr, "FLOP"),
+                fmt_si(self.flops_stock, "FLOP"),
+                fmt_si(self.flops_dpvr, "FLOP"),
                 f"{_ratio(self.flops_dpvr, self.flops_stock):.4f}",
             )
         )
         lines.append(
             row(
                 "decoder only (no vision/proj)",
-                _si(self.flops_decoder_stock, "FLOP"),
-                _si(self.flops_decoder_dpvr, "FLOP"),
+                fmt_si(self.flops_decoder_stock, "FLOP"),
+                fmt_si(self.flops_decoder_dpvr, "FLOP"),
                 f"{_ratio(self.flops_decoder_dpvr, self.flops_decoder_stock):.4f}",
             )
         )
@@ -557,8 +559,8 @@ class CostReport:
         lines.append(
             row(
                 "bytes",
-                _bytes(self.kv_bytes_stock),
-                _bytes(self.kv_bytes_dpvr),
+                fmt_bytes(self.kv_bytes_stock),
+                fmt_bytes(self.kv_bytes_dpvr),
                 f"{100 * self.kv_savings:.2f} %",
             )
         )
@@ -567,8 +569,8 @@ class CostReport:
         lines.append(
             row(
                 "FLOPs per step (whole batch)",
-                _si(self.decode_flops_stock, "FLOP"),
-                _si(self.decode_flops_dpvr, "FLOP"),
+                fmt_si(self.decode_flops_stock, "FLOP"),
+                fmt_si(self.decode_flops_dpvr, "FLOP"),
                 f"{self.ideal_decode_speedup:.4f}x",
             )
         )

@@ -6,8 +6,9 @@ import warnings
 
 import pytest
 import torch
+from test_generation import reference_loop
 from test_route_kernels import assert_bits_equal, loop_merge, loop_reference
-from tiny import IMAGE_TOKEN, make_batch, tiny_llava
+from tiny import make_batch, tiny_llava
 
 import dpvr_kernels
 from dpvr_kernels.ops import _extension
@@ -75,14 +76,7 @@ def test_patched_fp32_matches_reference_and_generate():
         ref = reference_forward(model, ids, pv, mask)
         assert _rel(out, ref, mask) < 1e-4  # TF32 may be on for matmuls on GPU
         gen = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, max_new_tokens=8, do_sample=False)
-    cur, cur_mask = ids, mask
-    for _ in range(8):
-        pos = (cur_mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            logits = reference_forward(model, cur, pv, cur_mask, position_ids=pos)[:, -1]
-        logits[:, IMAGE_TOKEN] = -float("inf")
-        nxt = logits.argmax(-1, keepdim=True)
-        cur, cur_mask = torch.cat([cur, nxt], 1), torch.cat([cur_mask, torch.ones_like(nxt)], 1)
+    cur, _ = reference_loop(model, ids, mask, pv, 8)
     assert torch.equal(gen, cur)
 
 
