@@ -14,7 +14,7 @@ extern "C" {
 #endif
 
 // out[i, :] = hidden[gather_index[i] / L, gather_index[i] % L, :] for i in [0, n_rows), where `hidden`
-// is [B, L, row]. Indices must lie in [0, B * L) (checked by a device assert only in debug builds).
+// is [B, L, row]. Indices must lie in [0, B * L) (checked by a device assert: setup.py does not define NDEBUG for nvcc, so a bad index stops the kernel loudly).
 // `hidden` points at element [0, 0, 0]; row (b, l) starts at hidden + b * stride_b_bytes + l * stride_l_bytes.
 // `out` is contiguous: row i starts at out + i * row_bytes.
 cudaError_t dpvr_route_split_cuda(const void* hidden, int64_t stride_b_bytes, int64_t stride_l_bytes,
@@ -25,7 +25,7 @@ cudaError_t dpvr_route_split_cuda(const void* hidden, int64_t stride_b_bytes, in
 //   k < 0      -> out[r] = base[b, l]   (zeros when base == nullptr)
 //   0 <= k < T -> out[r] = text[k]
 //   k >= T     -> out[r] = image[k - T]
-// Indices must be < T + V (device assert in debug builds). text/image rows are text_stride_bytes / image_stride_bytes apart (row_bytes when contiguous).
+// Indices must be < T + V (device assert, as above). text/image rows are text_stride_bytes / image_stride_bytes apart (row_bytes when contiguous).
 // `out` is contiguous [B, L, row]. Each output row is written exactly once.
 cudaError_t dpvr_fuse_merge_cuda(const void* text, int64_t text_stride_bytes, const void* image,
                                  int64_t image_stride_bytes, const void* base /* nullable */,

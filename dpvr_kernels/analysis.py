@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .flops import default_route_layer
 from .models.llava import is_patched
+from .workloads import generate_position_ids
 
 __all__ = [
     "PAPER_PROFILE_POINTS",
@@ -123,7 +124,7 @@ def attention_to_image_profile(
             "to measure: put text (e.g. the question) after the image tokens"
         )
     if position_ids is None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = generate_position_ids(attention_mask)
 
     with torch.no_grad(), _eager_attention(model):
         out = model(

@@ -261,7 +261,14 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .models.llava import kv_cache_bytes
     from .ops.backends import resolve_backend
     from .reference import reference_forward
-    from .workloads import build_model, decode, prefill, synthetic_batch, tokens_per_image
+    from .workloads import (
+        build_model,
+        decode,
+        generate_position_ids,
+        prefill,
+        synthetic_batch,
+        tokens_per_image,
+    )
 
     device = _resolve_device(parser, args.device)
     dtype = _resolve_dtype(args.dtype, device)
@@ -290,11 +297,12 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     batch = synthetic_batch(config, bsz, text_tokens, images=args.images, pad=pad, seed=args.seed,
                             dtype=dtype, device=device)
     mask = batch.attention_mask
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = generate_position_ids(mask)
     is_image = batch.input_ids == config.image_token_id
     n_text = int((mask.bool() & ~is_image).sum())
     n_image = int(is_image.sum())
     n_pad = int((mask == 0).sum())
+    pads = (mask == 0).sum(-1).tolist()
     text_per = (mask.bool() & ~is_image).sum(-1).tolist()
 
     _log(f"demo: building {size} model with random weights ({_dtype_name(dtype)}, {device})")
@@ -365,7 +373,7 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     rows: list[tuple[str, ...]] = [
         ("model", model_line),
         ("vision tower", vision_line),
-        ("batch", f"{bsz} prompts, padded length {batch.input_ids.shape[1]}, left padding 0..{pad} tokens"),
+        ("batch", f"{bsz} prompts, padded length {batch.input_ids.shape[1]}, left padding {min(pads)}..{max(pads)} tokens"),
         ("tokens per stream", f"text {n_text} / image {n_image} / pad {n_pad} (whole batch; text per sample "
                               f"{min(text_per)}..{max(text_per)}, {args.images} image(s) x {per_image})"),
         ("route / fusion", f"image tokens leave at layer {r}: layers [0,{r}) full, side branch = copy of layer "
@@ -601,7 +609,10 @@ def _cmd_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         parser.error(f"--fusion-layers {args.fusion_layers} is out of range for {n_layers} layers (1..{n_layers - 1})")
     batch = synthetic_batch(config, args.batch, args.text_tokens, images=args.images, pad=args.text_tokens // 4,
                             seed=args.seed, dtype=dtype, device=device)
-    profile = attention_to_image_profile(model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+    try:
+        profile = attention_to_image_profile(model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+    except ValueError as exc:  # e.g. no text token after the image: nothing to measure
+        parser.error(str(exc))
     suggestion = suggest_route_layer(profile, args.fraction, args.fusion_layers)
     default = default_route_layer(n_layers, args.fusion_layers)
     threshold = args.fraction * profile[0]
@@ -763,7 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "Default: cpu on CPU, 7b on CUDA.")
     p.add_argument("--image-tokens", type=_int_list, default=None,
                    help="comma-separated image tokens per sample, multiples of the tokens per image "
-                        "(default 144,576,2880 = 1/4/20 images of 144 for cpu and tiny; 576,2880 for 7b)")
+                        "(default 144,576,2880: 1/4/20 images of 144 tokens for --size cpu, 9/36/180 of 16 for tiny; "
+                        "576,2880 for 7b)")
     p.add_argument("--batches", type=_int_list, default=None, help="comma-separated batch sizes (default 1,4)")
     p.add_argument("--text-tokens", type=_positive_int, default=None, help="text tokens (default 32 on CPU, 64 on CUDA)")
     p.add_argument("--route-layer", type=int, default=None, help="route layer (default round(N*18/32))")

@@ -381,6 +381,12 @@ def _resolve_config(config: Any) -> tuple[str, _TextShape, _VisionShape | None, 
     )
 
 
+def tokens_per_image(config: Any) -> int:
+    """Image tokens the decoder sees per image of a LLaVA config (0 for a text-only config)."""
+    vision = _resolve_config(config)[2]
+    return vision.tokens_per_image if vision is not None else 0
+
+
 # --------------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------------

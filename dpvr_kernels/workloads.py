@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .flops import tokens_per_image  # noqa: F401  (re-exported: workloads are sized in whole images)
+
 
 @dataclass
 class Batch:
@@ -27,10 +29,19 @@ class Batch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": self.pixel_values}
 
 
-def tokens_per_image(config) -> int:
-    vc = config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
-    return n + 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else n
+def generate_position_ids(attention_mask: Tensor) -> Tensor:
+    """Position ids as ``generate`` makes them: count real tokens, pads at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def greedy(model, logits: Tensor) -> Tensor:
+    """Argmax next tokens ``[B, 1]`` of ``logits [B, vocab]``, honouring ``generation_config.suppress_tokens``
+    (a random model may emit the image token id, which DPVR-LF refuses in a decode step)."""
+    suppress = getattr(model.generation_config, "suppress_tokens", None)
+    if suppress:
+        logits = logits.clone()
+        logits[:, suppress] = -float("inf")
+    return logits.argmax(-1, keepdim=True)
 
 
 def build_model(config, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -56,8 +67,8 @@ def synthetic_batch(config, batch: int, text_tokens: int, images: int = 1, pad: 
     """``batch`` prompts of up to ``text_tokens`` text tokens around ``images`` images, left-padded.
 
     Layout per sample: up to 5 text tokens (a system prefix), the images, the rest of the text. Sample
-    ``b`` has ``b * pad // max(batch - 1, 1)`` fewer text tokens and as many pad tokens on the left, so
-    prompt lengths differ as in a real batch (``pad=0``: no padding).
+    ``b`` has ``b * pad // (batch - 1)`` fewer text tokens (a single sample: ``pad``) and as many pad
+    tokens on the left, so prompt lengths differ as in a real batch (``pad=0``: no padding).
     """
     if pad >= text_tokens:
         raise ValueError(f"pad ({pad}) must be smaller than text_tokens ({text_tokens})")
@@ -68,7 +79,7 @@ def synthetic_batch(config, batch: int, text_tokens: int, images: int = 1, pad: 
     ids = torch.zeros(batch, length, dtype=torch.long)
     mask = torch.zeros(batch, length, dtype=torch.long)
     for b in range(batch):
-        n_pad = b * pad // max(batch - 1, 1)
+        n_pad = pad if batch == 1 else b * pad // (batch - 1)
         text = torch.randint(3, config.text_config.vocab_size, (text_tokens - n_pad,), generator=g)
         text[text == config.image_token_id] = 3
         image = torch.full((images * per_image,), config.image_token_id)
@@ -86,9 +97,9 @@ def prefill(model, batch: Batch, use_cache: bool = True):
     """One forward over the prompts; returns (next greedy tokens ``[B, 1]``, cache)."""
     from .models.llava import _CACHE_KW
 
-    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    pos = generate_position_ids(batch.attention_mask)
     out = model(**batch.as_kwargs(), position_ids=pos, use_cache=use_cache, logits_to_keep=1)
-    return out.logits[:, -1].argmax(-1, keepdim=True), getattr(out, _CACHE_KW)
+    return greedy(model, out.logits[:, -1]), getattr(out, _CACHE_KW)
 
 
 def decode(model, batch: Batch, first_tokens: Tensor, cache, steps: int) -> Tensor:
@@ -103,6 +114,6 @@ def decode(model, batch: Batch, first_tokens: Tensor, cache, steps: int) -> Tens
         pos = pos + 1
         out = model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
                     **{_CACHE_KW: cache})
-        tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = greedy(model, out.logits[:, -1])
         out_tokens.append(tokens)
     return torch.cat(out_tokens, dim=1)

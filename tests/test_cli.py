@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -79,9 +80,15 @@ def test_demo_half_precision(capsys):
     assert "numerics: PASS" in out and "tolerance 2e-02" in out and "bfloat16" in out
 
 
-def test_threads_default_and_restored():
+def test_threads_default_and_restored(monkeypatch):
     assert default_threads("tiny") == 1
-    assert 1 <= default_threads("cpu") <= torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.2, 0.0, 0.0))
+    assert default_threads("cpu") == 3  # 8 cores, 5 busy
+    monkeypatch.setattr(os, "getloadavg", lambda: (12.0, 0.0, 0.0))
+    assert default_threads("cpu") == 1  # never below one
+    monkeypatch.undo()
     before = torch.get_num_threads()
     assert main(["flops", "--config", "llava-1.5-7b"]) == 0
     with pytest.raises(SystemExit):
@@ -350,3 +357,9 @@ def test_python_m_help():
     assert proc.returncode == 0, proc.stderr
     for command in ("demo", "bench", "analyze", "flops"):
         assert command in proc.stdout
+
+
+def test_analyze_without_text_after_the_image_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", "--size", "tiny", "--text-tokens", "1", "--out", str(tmp_path)])
+    assert exc.value.code == 2

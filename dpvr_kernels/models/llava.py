@@ -29,6 +29,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..config import DPVRConfig
+from ..flops import tokens_per_image
 from ..ops import fuse_merge, route_split
 from ..plan import RoutePlan, build_route_plan_from_mask
 from . import attention
@@ -266,8 +267,7 @@ def _llava_model_forward(self, input_ids: Tensor | None = None, *args, **kwargs)
         # The stock count check runs on device (no extra host sync here); name the fix when it fires.
         if "image tokens do not match" not in str(err):
             raise
-        vc = self.config.vision_config
-        per_image = (vc.image_size // vc.patch_size) ** 2 if hasattr(vc, "image_size") else "N"
+        per_image = tokens_per_image(self.config)
         raise ValueError(
             f"{err}. The prompt must hold exactly {per_image} image tokens (config.image_token_id="
             f"{self.config.image_token_id}) per image in pixel_values; the LLaVA processor inserts them"
