@@ -13,7 +13,7 @@ import torch
 import dpvr_kernels
 from dpvr_kernels.flops import cost_model, named_config, scaled_config
 from dpvr_kernels.reference import reference_forward
-from dpvr_kernels.workloads import build_model, synthetic_batch
+from dpvr_kernels.workloads import build_model, set_dpvr, synthetic_batch, tokens_per_image
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -41,20 +41,9 @@ def model():
 def _ideal(batch_size):
     n = CONFIG.text_config.num_hidden_layers
     r = dpvr_kernels.flops.default_route_layer(n)
-    per_image = synthetic_batch(CONFIG, 1, TEXT).image_tokens
+    per_image = tokens_per_image(CONFIG)
     rep = cost_model(CONFIG, per_image, TEXT, batch=batch_size, route_layer=r)
     return rep.ideal_prefill_speedup
-
-
-def _use(model, backend: str | None) -> None:
-    """Stock model for ``None``, else patched with that route-kernel backend."""
-    current = model.config.dpvr["backend"] if dpvr_kernels.is_patched(model) else None
-    if current == backend:
-        return
-    if current is not None:
-        dpvr_kernels.unpatch(model)
-    if backend is not None:
-        dpvr_kernels.patch(model, backend=backend)
 
 
 @pytest.mark.parametrize("batch_size", BATCHES)
@@ -65,7 +54,7 @@ def test_prefill(benchmark, record, model, batch_size, variant):
     if variant == "reference" and CUDA and batch_size > 1:
         pytest.skip("the per-sample reference is a CPU oracle; one GPU batch size is enough")
     batch = synthetic_batch(CONFIG, batch_size, TEXT, device=DEVICE, dtype=DTYPE)
-    _use(model, {"stock": None, "dpvr_torch_kernels": "torch"}.get(variant, "auto"))
+    set_dpvr(model, variant != "stock", backend="torch" if variant == "dpvr_torch_kernels" else "auto")
     if variant == "reference":
         fn = _sync(lambda: reference_forward(model, batch.input_ids, batch.pixel_values, batch.attention_mask))
     else:

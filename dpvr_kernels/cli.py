@@ -266,6 +266,7 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         decode,
         generate_position_ids,
         prefill,
+        set_dpvr,
         synthetic_batch,
         tokens_per_image,
     )
@@ -313,10 +314,7 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return model(**batch.as_kwargs(), position_ids=positions, use_cache=False).logits
 
     def set_mode(mode: str) -> None:
-        if mode == "dpvr" and not dpvr_kernels.is_patched(model):
-            dpvr_kernels.patch(model, route_layer=r, fusion_layers=f, backend=args.backend)
-        elif mode == "stock" and dpvr_kernels.is_patched(model):
-            dpvr_kernels.unpatch(model)
+        set_dpvr(model, mode == "dpvr", route_layer=r, fusion_layers=f, backend=args.backend)
 
     try:  # bad settings fail here, with the library's message, before anything is timed
         set_mode("dpvr")
@@ -490,9 +488,7 @@ def plot_bench(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: s
 def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from tqdm import tqdm
 
-    import dpvr_kernels
-
-    from .workloads import build_model, synthetic_batch, tokens_per_image
+    from .workloads import build_model, set_dpvr, synthetic_batch, tokens_per_image
 
     device = _resolve_device(parser, args.device)
     dtype = _resolve_dtype(args.dtype, device)
@@ -523,10 +519,7 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     points = [(b, n) for b in batches for n in image_counts]
 
     def set_mode(mode: str) -> None:
-        if mode == "dpvr" and not dpvr_kernels.is_patched(model):
-            dpvr_kernels.patch(model, route_layer=r, fusion_layers=f)
-        elif mode == "stock" and dpvr_kernels.is_patched(model):
-            dpvr_kernels.unpatch(model)
+        set_dpvr(model, mode == "dpvr", route_layer=r, fusion_layers=f)
 
     rows: list[dict[str, Any]] = []
     with torch.no_grad(), tqdm(total=len(points) * (warmup + repeats), desc="bench", unit="pair", file=sys.stderr,

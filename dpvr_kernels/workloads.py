@@ -29,6 +29,22 @@ class Batch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": self.pixel_values}
 
 
+def set_dpvr(model, enabled: bool, **patch_kwargs) -> None:
+    """Switch ``model`` between stock and DPVR-LF (``patch_kwargs`` for :func:`patch`); no-op if already so.
+
+    Benchmarks alternate between the two on one set of weights instead of holding two models.
+    """
+    from .models.llava import is_patched, patch, unpatch
+
+    current = model.config.dpvr if is_patched(model) else None
+    if current is not None and (not enabled or any(v is not None and current.get(k) != v
+                                                   for k, v in patch_kwargs.items())):
+        unpatch(model)
+        current = None
+    if enabled and current is None:
+        patch(model, **patch_kwargs)
+
+
 def generate_position_ids(attention_mask: Tensor) -> Tensor:
     """Position ids as ``generate`` makes them: count real tokens, pads at 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
