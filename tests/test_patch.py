@@ -195,3 +195,25 @@ def test_per_layer_outputs_refused(flag):
 def test_unpatch_unpatched():
     with pytest.raises(ValueError, match="not patched"):
         dpvr_kernels.unpatch(tiny_llava())
+
+
+def test_torch_compile_of_the_patched_model():
+    # The route ops are custom ops with fake kernels: Dynamo traces them into the graph (the plan's one
+    # host sync is a graph break) and Inductor's result matches eager.
+    from torch._inductor.compile_fx import compile_fx
+
+    ids, mask, pv = make_batch(LAYOUTS["two_images_one_sample"])
+    model = dpvr_kernels.patch(tiny_llava(layers=4), route_layer=1)
+    traced = []
+
+    def inductor_recording_ops(gm, example_inputs):
+        traced.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
+        compiled = torch.compile(model, backend=inductor_recording_ops)
+        out = compiled(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
+    assert "dpvr.route_split.default" in traced and "dpvr.fuse_merge.default" in traced
+    assert rel_err(out, eager, mask) < 1e-5
