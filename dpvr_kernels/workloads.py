@@ -68,8 +68,15 @@ def build_model(config, dtype: torch.dtype = torch.float32, device: str | torch.
     config = copy.deepcopy(config)
     config._attn_implementation = attn
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config)
+    previous = torch.get_default_dtype()
+    # Initialise directly in the target dtype on the target device (as from_pretrained(dtype=...) does):
+    # a 7B model never exists in fp32 first.
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
     model = model.to(dtype).eval()
     # A random model may emit the image token id; a trained LLaVA never does, and DPVR-LF refuses it in decode.
     model.generation_config.suppress_tokens = [config.image_token_id]

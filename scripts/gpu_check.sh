@@ -6,7 +6,7 @@
 #   bash scripts/gpu_check.sh            # PYTHON=... to choose the interpreter
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 OUT=benchmarks/results
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 
