@@ -1,0 +1,1 @@
+"""Model integrations: DPVR-LF for Hugging Face LLaVA (llava.py) and its varlen attention (attention.py)."""
