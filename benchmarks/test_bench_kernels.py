@@ -225,24 +225,22 @@ def _check_split(case: str, out, bt: Batch) -> None:
     assert torch.equal(text, bt.text) and torch.equal(image, bt.image), f"{case}: wrong result"
 
 
+def _time_and_record(benchmark, record, fn, note: str, group: str, case: str, baseline: bool, nbytes: int) -> None:
+    """Time ``fn`` (after the untimed correctness check) and add its row to the group's table."""
+    _sync()
+    benchmark.group = group
+    benchmark.extra_info.update(bytes_moved=nbytes, device=str(DEVICE), dtype=DTYPE_NAME)
+    _run(benchmark, fn)
+    note += _faults_note(benchmark, fn)
+    record(benchmark, group=group, name=case, baseline=baseline, bytes_moved=nbytes, note=note)
+
+
 @pytest.mark.parametrize("case", SPLIT_CASES)
 def test_route_split(benchmark, record, batch, case):
     fn, note = _split_fn(case, batch)
     _check_split(case, fn(), batch)  # correctness, outside the timed region
-    _sync()
-    benchmark.group = SPLIT_GROUP
-    nbytes = 2 * batch.packed_rows * D * batch.esize
-    benchmark.extra_info.update(bytes_moved=nbytes, device=str(DEVICE), dtype=DTYPE_NAME)
-    _run(benchmark, fn)
-    note += _faults_note(benchmark, fn)
-    record(
-        benchmark,
-        group=SPLIT_GROUP,
-        name=case,
-        baseline=case == "index_select x2",
-        bytes_moved=nbytes,
-        note=note,
-    )
+    _time_and_record(benchmark, record, fn, note, SPLIT_GROUP, case, case == "index_select x2",
+                     2 * batch.packed_rows * D * batch.esize)
 
 
 # ----------------------------------------------------------------------------------------- fuse_merge
@@ -300,17 +298,5 @@ def test_fuse_merge(benchmark, record, batch, case):
         # Text/image rows come back from the streams (taken from hidden), pad rows from base.
         expected = torch.where(batch.plan.pad_mask[..., None], batch.base, batch.hidden)
         assert torch.equal(fn(), expected), f"{case}: wrong result"
-    _sync()
-    benchmark.group = MERGE_GROUP
-    nbytes = 2 * B * L * D * batch.esize
-    benchmark.extra_info.update(bytes_moved=nbytes, device=str(DEVICE), dtype=DTYPE_NAME)
-    _run(benchmark, fn)
-    note += _faults_note(benchmark, fn)
-    record(
-        benchmark,
-        group=MERGE_GROUP,
-        name=case,
-        baseline=case == "clone + index_copy_ x2",
-        bytes_moved=nbytes,
-        note=note,
-    )
+    _time_and_record(benchmark, record, fn, note, MERGE_GROUP, case, case == "clone + index_copy_ x2",
+                     2 * B * L * D * batch.esize)
