@@ -10,6 +10,7 @@ builds for the text-only cache.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 from dataclasses import dataclass
@@ -49,9 +50,37 @@ def _torch_varlen():
     return varlen_attn
 
 
-def _varlen_has_gqa() -> bool:
-    # torch 2.11's varlen_attn has no enable_gqa (added later): expand the KV heads ourselves there.
-    return "enable_gqa" in inspect.signature(_torch_varlen()).parameters
+@functools.cache
+def _varlen_params(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def _torch_varlen_attention(q: Tensor, k: Tensor, v: Tensor, seg: VarlenSegments, scale: float) -> Tensor | None:
+    """torch's ``varlen_attn`` on ``[H, T, Dh]`` q and ``[Hkv, T, Dh]`` k/v -> ``[T, H, Dh]``, or None when this
+    torch's ``varlen_attn`` cannot express the call (its keyword arguments changed across releases: causal
+    masking is ``is_causal`` in early ones and ``window_size=(-1, 0)`` later; ``enable_gqa`` is missing in
+    torch 2.11, where the KV heads are expanded here instead)."""
+    fn = _torch_varlen()
+    params = _varlen_params(fn)
+    kwargs: dict = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)
+    elif "is_causal" in params:
+        kwargs["is_causal"] = True
+    else:
+        return None
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale != q.shape[-1] ** -0.5:
+        return None
+    if q.shape[0] != k.shape[0]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+            v = v.repeat_interleave(q.shape[0] // v.shape[0], dim=0)
+    return fn(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), seg.cu_seqlens, seg.cu_seqlens,
+              seg.max_seqlen, seg.max_seqlen, **kwargs)
 
 
 def varlen_backend(device: torch.device, dtype: torch.dtype) -> str:
@@ -119,21 +148,12 @@ def dpvr_varlen_attention(
             dpvr_segments.cu_seqlens, dpvr_segments.max_seqlen, dpvr_segments.max_seqlen,
             dropout_p=dropout, softmax_scale=scale, causal=True,
         )
-    elif path == "torch_varlen" and dropout == 0.0:
-        gqa = {}
-        if q.shape[0] != k.shape[0]:
-            if _varlen_has_gqa():
-                gqa = {"enable_gqa": True}
-            else:
-                k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
-                v = v.repeat_interleave(q.shape[0] // v.shape[0], dim=0)
-        out = _torch_varlen()(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), dpvr_segments.cu_seqlens,
-            dpvr_segments.cu_seqlens, dpvr_segments.max_seqlen, dpvr_segments.max_seqlen,
-            scale=scale, window_size=(-1, 0), **gqa,
-        )
     else:
-        out = _sdpa_per_segment(q, k, v, dpvr_segments, scale, dropout)
+        out = None
+        if path == "torch_varlen" and dropout == 0.0:  # varlen_attn has no dropout
+            out = _torch_varlen_attention(q, k, v, dpvr_segments, scale)
+        if out is None:
+            out = _sdpa_per_segment(q, k, v, dpvr_segments, scale, dropout)
     return out.unsqueeze(0), None
 
 
