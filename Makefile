@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m dpvr_kernels demo
 
 test: $(STAMP)
-	$(PY) -m ruff check dpvr_kernels tests benchmarks examples
+	$(PY) -m ruff check dpvr_kernels tests benchmarks examples scripts
 	bash scripts/check_cuda_compile.sh
 	$(PY) -m pytest tests -q
 
