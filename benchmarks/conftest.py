@@ -122,15 +122,21 @@ def _tables() -> list[str]:
     return out
 
 
+def _write_atomic(path: str, text: str) -> None:
+    # A run stopped mid-write must leave the previous complete file, never half a JSON document.
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def _write_outputs() -> None:
     path = os.environ.get("DPVR_BENCH_OUT")
     if path:
-        with open(path, "w") as f:
-            f.write("\n".join(_tables()) + "\n")
+        _write_atomic(path, "\n".join(_tables()) + "\n")
     path = os.environ.get("DPVR_BENCH_JSON")
     if path:
-        with open(path, "w") as f:
-            json.dump({"machine": machine(), "quick": QUICK, "groups": _groups()}, f, indent=1)
+        _write_atomic(path, json.dumps({"machine": machine(), "quick": QUICK, "groups": _groups()}, indent=1))
 
 
 def pytest_terminal_summary(terminalreporter):

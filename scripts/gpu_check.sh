@@ -11,10 +11,19 @@
 # Exit code: 0 all stages passed, 1 a stage failed or ran out of time (the report says which), 3 no GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$(command -v python || command -v python3)}
+PY=${PYTHON:-}
+if [[ -z "$PY" ]]; then  # the first interpreter on PATH that has torch
+    for candidate in python python3; do
+        if command -v "$candidate" > /dev/null && "$candidate" -c "import torch" 2> /dev/null; then
+            PY=$(command -v "$candidate"); break
+        fi
+    done
+    PY=${PY:-python3}
+fi
 DRY_RUN=0
 [[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
-DEADLINE_S=${GPU_CHECK_DEADLINE_S:-460}  # the whole run; the stages' caps below are cut to what is left
+# The stages' caps are cut to what is left of this deadline; the report afterwards takes ~10-20 s more.
+DEADLINE_S=${GPU_CHECK_DEADLINE_S:-430}
 
 if [[ $DRY_RUN == 0 ]] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu_check: no CUDA GPU visible to $PY (torch.cuda.is_available() is False); nothing to do."
@@ -24,12 +33,16 @@ fi
 if [[ $DRY_RUN == 1 ]]; then
     OUT=${GPU_CHECK_OUT:-$(mktemp -d)}
     export DPVR_BENCH_QUICK=1
+    export CUDA_VISIBLE_DEVICES=""  # a CPU run even on a GPU machine
 else
     OUT=${GPU_CHECK_OUT:-benchmarks/results}
 fi
 mkdir -p "$OUT"
 STAGES="$OUT/gpu_stages.tsv"
+# Outputs of an earlier run must not pass for this run's (a stage cut short writes fewer files).
+rm -f "$OUT"/gpu_{stages.tsv,build.log,tests.txt,tests.xml,bench.md,bench.json,bench_log.txt,report.md,report.json}
 : > "$STAGES"
+export PYTHONUNBUFFERED=1  # logs complete up to the moment a stage is stopped
 log() { echo "[gpu_check $(date -u +%T)] $*"; }
 
 # stage NAME CAP_S LOG COMMAND...: run COMMAND under min(CAP_S, time left) with its output in LOG; record its
@@ -45,7 +58,8 @@ stage() {
     fi
     log "$name (cap ${cap}s)"
     local t0=$SECONDS
-    timeout "$cap" "$@" > "$logfile" 2>&1
+    # SIGINT first: pytest then still writes its summary and JUnit XML; SIGKILL 20 s later if needed.
+    timeout -s INT -k 20 "$cap" "$@" > "$logfile" 2>&1
     local rc=$?
     printf '%s\t%s\t%s\t%s\n' "$name" "$rc" $((SECONDS - t0)) "$cap" >> "$STAGES"
     ((rc == 124)) && log "$name: ran out of its ${cap}s"
@@ -63,8 +77,12 @@ else
 fi
 
 # Every CUDA-marked test of the suite (kernels on every backend and dtype, the model checks of test_cuda.py).
+# A per-test limit where pytest-timeout is installed (it is on the lent GPU images), so one stuck test
+# cannot take the stage; collection errors (e.g. a failed build) do not stop the other files' tests.
+PER_TEST=()
+"$PY" -c "import pytest_timeout" 2> /dev/null && PER_TEST=(--timeout=120)
 stage tests 170 "$OUT/gpu_tests.txt" "$PY" -m pytest tests -m cuda -q -p no:cacheprovider -rfE --durations=8 \
-    --junitxml="$OUT/gpu_tests.xml"
+    --continue-on-collection-errors -o junit_family=xunit1 --junitxml="$OUT/gpu_tests.xml" "${PER_TEST[@]}"
 
 # The benchmark tables are rewritten after every row, so a stage cut short keeps what it measured.
 DPVR_BENCH_OUT="$OUT/gpu_bench.md" DPVR_BENCH_JSON="$OUT/gpu_bench.json" \

@@ -79,7 +79,10 @@ def read_tests(out: Path) -> dict:
     path = out / "gpu_tests.xml"
     if not path.exists():
         return {"ran": False}
-    root = ET.parse(path).getroot()
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        return {"ran": False, "error": f"{path.name}: {e}"}
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
@@ -99,9 +102,10 @@ def read_tests(out: Path) -> dict:
 
 def read_bench(out: Path) -> dict:
     path = out / "gpu_bench.json"
-    if not path.exists():
-        return {"machine": None, "groups": {}}
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return {"machine": None, "groups": {}, "error": f"{path.name}: {e}"}
 
 
 def _pct(x: float | None) -> str:

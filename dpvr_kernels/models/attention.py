@@ -32,6 +32,7 @@ class VarlenSegments:
     max_seqlen: int
 
 
+@functools.cache
 def _flash_attn_varlen():
     if importlib.util.find_spec("flash_attn") is None:
         return None
@@ -42,6 +43,7 @@ def _flash_attn_varlen():
     return flash_attn_varlen_func
 
 
+@functools.cache
 def _torch_varlen():
     try:
         from torch.nn.attention.varlen import varlen_attn
