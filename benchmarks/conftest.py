@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import pytest
 import torch
 from shapes import CONFIG, DEVICE, DTYPE
-from timing import QUICK
+from timing import QUICK, median_s
 
 
 @dataclass
@@ -49,12 +49,10 @@ def machine() -> str:
 def record():
     def _record(benchmark, group: str, name: str, baseline: bool = False, ceiling: bool = False,
                 bytes_moved: int | None = None, ideal: float | None = None, note: str = "") -> None:
-        stats = getattr(benchmark, "stats", None)
-        if stats is None:  # --benchmark-disable: nothing was timed
+        median = median_s(benchmark)
+        if median is None:  # --benchmark-disable: nothing was timed
             return
-        median = benchmark.extra_info.get("cuda_event_median_s")
-        timer = "cuda events" if median is not None else "host clock"
-        median = stats.stats.median if median is None else median
+        timer = "cuda events" if "cuda_event_median_s" in benchmark.extra_info else "host clock"
         _ROWS.append(Row(group, name, median, timer, baseline, ceiling, bytes_moved, ideal, note))
         _write_outputs()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from shapes import CONFIG, CUDA, DECODE_BATCHES, DECODE_STEPS, DEVICE, DTYPE, DTYPE_NAME, TEXT_TOKENS
-from timing import measure
+from timing import measure, median_s
 
 import dpvr_kernels
 from dpvr_kernels.flops import cost_model, default_route_layer
@@ -46,8 +46,7 @@ def test_decode(benchmark, record, llava_model, batch_size, variant):
                      dtype_bytes=torch.finfo(DTYPE).bits // 8)
     expected = rep.kv_bytes_dpvr if variant == "dpvr" else rep.kv_bytes_stock
     assert kv["bytes"] == expected  # the live cache is what the cost model predicts
-    stats = getattr(benchmark, "stats", None)
-    median = benchmark.extra_info.get("cuda_event_median_s") or (stats.stats.median if stats else 0.0)
+    median = median_s(benchmark)
     tps = batch_size * DECODE_STEPS / median if median else 0.0
     peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if CUDA else ""
     kv_note = f"prompt KV {kv['bytes'] / 2**20:.1f} MiB"

@@ -41,3 +41,12 @@ def measure(benchmark, fn: Callable, *, rounds: int, warmup: int, setup: Callabl
     benchmark.pedantic(timed, setup=setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
     if len(times) > warmup:
         benchmark.extra_info["cuda_event_median_s"] = statistics.median(times[warmup:])
+
+
+def median_s(benchmark) -> float | None:
+    """The median ``measure`` timed: the device-event one on CUDA, else pytest-benchmark's; None if disabled."""
+    event = benchmark.extra_info.get("cuda_event_median_s")
+    if event is not None:
+        return event
+    stats = getattr(benchmark, "stats", None)
+    return None if stats is None else stats.stats.median
