@@ -8,7 +8,8 @@ the last layer. See DESIGN.md for the exact semantics.
 from . import reference
 from .config import DPVRConfig
 from .flops import cost_model
-from .models.llava import describe, is_patched, kv_cache_bytes, patch, unpatch
+from .models.cache import DPVRCache, kv_cache_bytes
+from .models.llava import describe, is_patched, patch, unpatch
 from .ops import fuse_merge, route_split
 from .plan import RoutePlan, build_route_plan, build_route_plan_from_mask
 from .training import distill_side_branch, distillation_loss, mark_trainable
@@ -16,6 +17,7 @@ from .training import distill_side_branch, distillation_loss, mark_trainable
 __version__ = "0.1.0"
 
 __all__ = [
+    "DPVRCache",
     "DPVRConfig",
     "RoutePlan",
     "cost_model",

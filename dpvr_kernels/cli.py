@@ -258,7 +258,7 @@ def _add_common(p: argparse.ArgumentParser, size_default_help: str) -> None:
 def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import dpvr_kernels
 
-    from .models.llava import kv_cache_bytes
+    from .models.cache import kv_cache_bytes
     from .ops.backends import resolve_backend
     from .reference import reference_forward
     from .workloads import (

@@ -33,19 +33,21 @@ class RoutePlan:
     merge_index: Tensor
     """int64 [B * L]: packed row of each flat row (text in [0, T), image in [T, T + V)), -1 for pad."""
     text_cu_seqlens: Tensor
-    """int32 [B + 1]: text segment boundaries in the text stream."""
+    """int32 [S + 1]: text segment boundaries in the text stream (S = B, or the sequences of packed rows)."""
     image_cu_seqlens: Tensor
-    """int32 [B + 1]: image segment boundaries in the image stream."""
+    """int32 [S + 1]: image segment boundaries in the image stream."""
     max_text_len: int
     max_image_len: int
     text_seqlens: tuple[int, ...]
-    """Text tokens per sample, on the host (per-segment attention loops over them)."""
+    """Text tokens per segment, on the host (per-segment attention loops over them)."""
     image_seqlens: tuple[int, ...]
-    """Image tokens per sample, on the host."""
+    """Image tokens per segment, on the host."""
     text_position_ids: Tensor
     """int64 [T]: the stock position id of each text token."""
     image_position_ids: Tensor
     """int64 [V]: the stock position id of each image token."""
+    packed: bool = False
+    """True when rows hold several sequences (segments are sequences, not samples)."""
 
     @property
     def device(self) -> torch.device:
@@ -76,16 +78,35 @@ def _check_2d(name: str, t: Tensor, shape: tuple[int, int]) -> None:
         raise ValueError(f"{name} must have shape [B, L] = {list(shape)}, got {list(t.shape)}")
 
 
+def packed_sequence_ids(position_ids: Tensor) -> Tensor:
+    """Sequence index ``[B, L]`` of each token of padding-free packed rows: a new sequence starts wherever the
+    position does not follow the previous one (what transformers' masks do for packed rows)."""
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    return (step != 1).cumsum(-1)
+
+
+def sequence_ids_from_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
+    """Sequence index ``[1, L]`` of each token of one packed row from flash-attn style ``cu_seq_lens``."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seq_lens must be 1-D with at least 2 entries, got shape {list(cu_seqlens.shape)}")
+    tokens = torch.arange(seq_len, device=cu_seqlens.device)
+    return (torch.bucketize(tokens, cu_seqlens[1:].to(tokens.dtype), right=True))[None]
+
+
 def build_route_plan_from_mask(
     image_mask: Tensor,
     attention_mask: Tensor | None = None,
     position_ids: Tensor | None = None,
+    sequence_ids: Tensor | None = None,
 ) -> RoutePlan:
     """Build a plan from a boolean image mask ``[B, L]`` (True at image tokens).
 
     ``attention_mask`` ``[B, L]`` (1 = real token, 0 = pad; ``None`` = no padding) decides pad roles; an
     image token with attention_mask 0 is pad. ``position_ids`` (``[B, L]`` or ``[1, L]``) are the stock
     positions; ``None`` means ``arange(L)``, what the stock decoder uses for a prefill without them.
+    ``sequence_ids`` (int ``[B, L]``, non-decreasing from 0 along each row) splits padding-free packed rows
+    into sequences: each sequence then is its own segment of the text stream and the side branch
+    (see :func:`packed_sequence_ids`); ``None`` means one sequence per row.
     """
     if image_mask.dim() != 2:
         raise ValueError(f"image_mask must be 2-D [B, L], got shape {list(image_mask.shape)}")
@@ -110,10 +131,13 @@ def build_route_plan_from_mask(
 
     is_image = image_mask & valid
     is_text = valid & ~image_mask
-    text_counts = is_text.sum(1)
-    image_counts = is_image.sum(1)
-    # The only host sync: the segment lengths, needed for shapes and varlen attention.
-    text_seqlens, image_seqlens = torch.stack([text_counts, image_counts]).tolist()
+    if sequence_ids is None:
+        text_counts = is_text.sum(1)
+        image_counts = is_image.sum(1)
+        # The only host sync: the segment lengths, needed for shapes and varlen attention.
+        text_seqlens, image_seqlens = torch.stack([text_counts, image_counts]).tolist()
+    else:
+        text_counts, image_counts, text_seqlens, image_seqlens = _packed_counts(sequence_ids, is_text, is_image)
     num_text, num_image = sum(text_seqlens), sum(image_seqlens)
 
     flat_text = is_text.reshape(-1)
@@ -146,7 +170,31 @@ def build_route_plan_from_mask(
         image_seqlens=tuple(image_seqlens),
         text_position_ids=flat_pos.index_select(0, gather_index[:num_text]),
         image_position_ids=flat_pos.index_select(0, gather_index[num_text:]),
+        packed=sequence_ids is not None,
     )
+
+
+def _packed_counts(sequence_ids: Tensor, is_text: Tensor, is_image: Tensor):
+    """Per-sequence token counts of packed rows, with the same single host sync as the unpacked plan."""
+    bsz, seq_len = is_text.shape
+    if tuple(sequence_ids.shape) != (bsz, seq_len):
+        raise ValueError(f"sequence_ids must have shape [B, L] = {[bsz, seq_len]}, got {list(sequence_ids.shape)}")
+    seq = sequence_ids.to(device=is_text.device, dtype=torch.long)
+    # Sequence s of row b counts in slot b * L + s (s < L always): a fixed-size table, no sync to size it.
+    slot = (seq + torch.arange(bsz, device=seq.device)[:, None] * seq_len).reshape(-1)
+    table = torch.zeros(2, bsz * seq_len, dtype=torch.long, device=seq.device)
+    table[0].index_add_(0, slot, is_text.reshape(-1).long())
+    table[1].index_add_(0, slot, is_image.reshape(-1).long())
+    n_seq = seq[:, -1] + 1
+    host = torch.cat([n_seq, table.reshape(-1)]).tolist()
+    n_seq_host, table_host = host[:bsz], host[bsz:]
+    text_seqlens, image_seqlens = [], []
+    for b, n in enumerate(n_seq_host):
+        text_seqlens += table_host[b * seq_len : b * seq_len + n]
+        image_seqlens += table_host[(bsz + b) * seq_len : (bsz + b) * seq_len + n]
+    text_counts = torch.tensor(text_seqlens, dtype=torch.long, device=seq.device)
+    image_counts = torch.tensor(image_seqlens, dtype=torch.long, device=seq.device)
+    return text_counts, image_counts, text_seqlens, image_seqlens
 
 
 def build_route_plan(

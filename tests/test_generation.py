@@ -15,18 +15,27 @@ PROMPTS = [["T", "I", "T", "T"], ["T", "T", "I", "T", "T", "T", "T"], ["T", "T",
 NEW_TOKENS = 16
 
 
-def reference_loop(model, ids, mask, pv, steps):
-    """Re-run the full reference forward (no cache) for every new token, greedy."""
+def reference_loop(model, ids, mask, pv, steps, suppress=(IMAGE_TOKEN,), bias=None):
+    """Re-run the full reference forward (no cache) for every new token, greedy.
+
+    ``suppress`` as generation_config.suppress_tokens, ``bias`` {token: added logit} as sequence_bias. Only the
+    prompt's image tokens are vision tokens: a generated image-token id is text, as stock embeds it.
+    """
     cur, cur_mask, step_logits = ids, mask, []
+    vision = (ids == IMAGE_TOKEN) & (pv is not None)
     for _ in range(steps):
         pos = (cur_mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            logits = reference_forward(model, cur, pv, cur_mask, position_ids=pos)[:, -1]
+            logits = reference_forward(model, cur, pv, cur_mask, position_ids=pos, vision_mask=vision)[:, -1]
         step_logits.append(logits.clone())
-        logits[:, IMAGE_TOKEN] = -float("inf")  # generation_config.suppress_tokens
+        for token in suppress:
+            logits[:, token] = -float("inf")
+        for token, value in (bias or {}).items():
+            logits[:, token] += value
         nxt = logits.argmax(-1, keepdim=True)
         cur = torch.cat([cur, nxt], 1)
         cur_mask = torch.cat([cur_mask, torch.ones_like(nxt)], 1)
+        vision = torch.cat([vision, torch.zeros_like(nxt, dtype=torch.bool)], 1)
     return cur, torch.stack(step_logits, 1)
 
 
@@ -92,15 +101,17 @@ def test_deep_layers_cache_text_only_and_bytes_match_cost_model():
     assert dpvr_kernels.kv_cache_bytes(stock_cache) == report.kv_bytes_stock
 
 
-def test_image_token_in_decode_step_is_an_error():
+def test_images_in_a_decode_step_are_an_error():
+    # pixel_values with a cache that already holds the prompt: the images cannot join the text-only deep cache.
     model = dpvr_kernels.patch(tiny_llava(), route_layer=2)
     ids, mask, pv = make_batch([["T", "I", "T"]])
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pv, use_cache=True)
         cache = getattr(out, CACHE_KW)
-        step = torch.tensor([[IMAGE_TOKEN]])
-        with pytest.raises(ValueError, match="image tokens in a decode step"):
-            model(input_ids=step, attention_mask=torch.ones(1, ids.shape[1] + 1, dtype=torch.long), **{CACHE_KW: cache})
+        step, _, pv2 = make_batch([["I"]])
+        with pytest.raises(ValueError, match="images in a decode step.*drop pixel_values"):
+            model(input_ids=step, pixel_values=pv2, attention_mask=torch.ones(1, ids.shape[1] + 4, dtype=torch.long),
+                  **{CACHE_KW: cache})
 
 
 def test_stock_cache_is_refused():

@@ -117,7 +117,10 @@ def test_side_branch_is_a_registered_module_and_settings_on_config():
     for (n1, p1), (n2, p2) in zip(side.named_parameters(), layer.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2) and p1.data_ptr() != p2.data_ptr()
     text = dpvr_kernels.describe(model)
-    assert "route_split/fuse_merge" in text and "layers [2, 5): text tokens only" in text
+    assert "route_split/fuse_merge" in text and "layers [2, 5): text tokens only, attention 'dpvr_varlen'" in text
+    lm = model.model.language_model
+    assert [layer.self_attn.config._attn_implementation for layer in lm.layers] == ["sdpa"] * 2 + ["dpvr_varlen"] * 3 + ["sdpa"]
+    assert side.self_attn.config._attn_implementation == "dpvr_varlen"
 
 
 def test_patch_twice():

@@ -9,6 +9,8 @@ Data flow of a prefill (DESIGN §4)::
                                      └─ image ─ side branch (varlen)    ─ fuse_merge ─ layers[N-f, N) ─ norm
 
 Decode steps carry text tokens only: layers [r, N-f) attend over their text-only cache with a mask.
+A token is routed as vision only where the call carries vision features for it (``pixel_values``), as
+stock embeds it; in a call without them (every decode step) an image-token id is an ordinary token.
 """
 
 from __future__ import annotations
@@ -31,14 +33,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from ..config import DPVRConfig
 from ..flops import tokens_per_image
 from ..ops import fuse_merge, route_split
-from ..plan import RoutePlan, build_route_plan_from_mask
+from ..plan import build_route_plan_from_mask, packed_sequence_ids, sequence_ids_from_cu_seqlens
 from . import attention
 from .attention import ATTN_NAME, VarlenSegments
+from .cache import DPVRCache, TextCacheWriter, deep_decode_mask
 
 SIDE_BRANCH = "dpvr_side_branch"
 
-# The image mask of the current LLaVA call, handed from the LlavaModel wrapper (which sees input_ids)
-# to the language model forward (which only sees embeddings).
+# The vision mask of the current LLaVA prefill, handed from the LlavaModel wrapper (which sees input_ids and
+# pixel_values) to the language model forward (which only sees embeddings). Set only when the call carries
+# vision features; decode steps never read it.
 _IMAGE_MASK: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("dpvr_image_mask", default=None)
 
 # transformers renamed ``past_key_values`` to ``cache`` during 5.x; follow whichever is installed.
@@ -57,56 +61,6 @@ class _PatchState:
     original_attn_configs: dict[int, object] = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------------------------- cache
-
-
-class _TextCacheWriter:
-    """Cache view for the deep layers in a prefill: stores the packed text K/V per sample.
-
-    The real cache layer gets ``[B, Hkv, W, Dh]`` with each sample's text tokens right-aligned
-    (left-padded) in ``W = max text tokens`` slots, so decode steps can append to every sample at once.
-    The attention of the prefill itself still sees the packed stream.
-    """
-
-    def __init__(self, cache, slots: Tensor, batch_size: int, width: int):
-        self.cache, self.slots, self.batch_size, self.width = cache, slots, batch_size, width
-
-    def _pad(self, packed: Tensor) -> Tensor:
-        out = packed.new_zeros(packed.shape[1], self.batch_size * self.width, packed.shape[-1])
-        out.index_copy_(1, self.slots, packed[0])
-        return out.view(packed.shape[1], self.batch_size, self.width, packed.shape[-1]).transpose(0, 1)
-
-    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
-        self.cache.update(self._pad(key_states), self._pad(value_states), layer_idx, *args, **kwargs)
-        return key_states, value_states
-
-    def __getattr__(self, name):
-        return getattr(self.cache, name)
-
-
-def _text_cache_layout(plan: RoutePlan) -> tuple[Tensor, Tensor]:
-    """Slots of the packed text tokens in the ``[B, W]`` right-aligned cache layout, and its validity mask."""
-    width = plan.max_text_len
-    starts = plan.text_cu_seqlens.long()
-    counts = starts[1:] - starts[:-1]
-    sample = plan.text_index // plan.seq_len
-    rank = torch.arange(plan.num_text, device=plan.device) - starts[sample]
-    slots = sample * width + (width - counts[sample]) + rank
-    valid = torch.arange(width, device=plan.device)[None, :] >= (width - counts)[:, None]
-    return slots, valid
-
-
-def kv_cache_bytes(cache) -> int:
-    """Bytes held by the keys and values of a live transformers cache (all layers)."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
 # --------------------------------------------------------------------------------------------- forward
 
 
@@ -123,28 +77,33 @@ def _full_mask(lm, inputs_embeds: Tensor, attention_mask: Tensor | None, cache, 
     return create_causal_mask(**kw)
 
 
-def _route_forward(lm, hidden: Tensor, image_mask: Tensor, attention_mask, position_ids: Tensor, cache,
-                   use_cache: bool, layer_kwargs: dict) -> Tensor:
+def _route_forward(lm, hidden: Tensor, image_mask: Tensor, attention_mask, position_ids: Tensor, sequence_ids,
+                   cache: DPVRCache | None, use_cache: bool, layer_kwargs: dict) -> Tensor:
     """Prefill of layers [r, N-f): route, run the text stream and the side branch, fuse."""
     state: _PatchState = lm._dpvr_state
     r, f = state.settings.route_layer, state.settings.fusion_layers
     backend = state.settings.backend
-    plan = build_route_plan_from_mask(image_mask, attention_mask, position_ids)
+    plan = build_route_plan_from_mask(image_mask, attention_mask, position_ids, sequence_ids)
     text, image = route_split(hidden, plan, backend=backend)
+    deep = range(r, len(lm.layers) - f)
+    text_cache = TextCacheWriter(cache, plan) if cache is not None else None
 
-    text_pos = plan.text_position_ids[None]
-    text_cache = None
-    if cache is not None:
-        slots, valid = _text_cache_layout(plan)
-        text_cache = _TextCacheWriter(cache, slots, plan.batch_size, plan.max_text_len)
-        cache._dpvr_text_valid = valid  # decode steps mask the empty slots with it
-        cache._dpvr_prefill_len = plan.seq_len
-    segments = VarlenSegments(plan.text_cu_seqlens, plan.text_seqlens, plan.max_text_len)
-    text = text[None]
-    pe = lm.rotary_emb(text, text_pos)
-    for layer in lm.layers[r : len(lm.layers) - f]:
-        text = _layer_call(layer, text, text_cache, attention_mask=None, position_embeddings=pe,
-                           position_ids=text_pos, use_cache=use_cache, dpvr_segments=segments, **layer_kwargs)
+    if plan.num_text:
+        text_pos = plan.text_position_ids[None]
+        segments = VarlenSegments(plan.text_cu_seqlens, plan.text_seqlens, plan.max_text_len)
+        text = text[None]
+        pe = lm.rotary_emb(text, text_pos)
+        for i in deep:
+            text = _layer_call(lm.layers[i], text, text_cache, attention_mask=None, position_embeddings=pe,
+                               position_ids=text_pos, use_cache=use_cache, dpvr_segments=segments, **layer_kwargs)
+        text = text[0]
+    elif text_cache is not None:
+        # No text token in the batch (image-only prompts): the deep layers have nothing to run, but their
+        # cache must exist (with zero prompt slots) for the decode steps to append to.
+        cfg = lm.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        for i in deep:
+            text_cache.fill_empty(i, cfg.num_key_value_heads, head_dim, hidden.dtype, hidden.device)
 
     if plan.num_image:
         image_pos = plan.image_position_ids[None]
@@ -153,29 +112,27 @@ def _route_forward(lm, hidden: Tensor, image_mask: Tensor, attention_mask, posit
         pe = lm.rotary_emb(image, image_pos)
         image = _layer_call(getattr(lm, SIDE_BRANCH), image, None, attention_mask=None, position_embeddings=pe,
                             position_ids=image_pos, use_cache=False, dpvr_segments=segments, **layer_kwargs)[0]
-    return fuse_merge(text[0], image, hidden, plan, backend=backend)
+    return fuse_merge(text, image, hidden, plan, backend=backend)
 
 
-def _deep_decode_mask(cache, attention_mask: Tensor | None, past: int, q_len: int, batch: int,
-                      device: torch.device) -> Tensor:
-    """Boolean ``[B, 1, q, K]`` mask of a decode step over a deep layer's text-only cache."""
-    text_valid = getattr(cache, "_dpvr_text_valid", None)
-    if text_valid is None:
-        raise RuntimeError(
-            "this cache was not filled by a DPVR-LF prefill: run the prompt through the patched model first "
-            "(model.generate does), or unpatch the model to reuse a stock cache"
-        )
-    decoded = past - cache._dpvr_prefill_len  # tokens decoded before this step
-    if attention_mask is not None and attention_mask.dim() == 2:
-        new_valid = attention_mask[:, cache._dpvr_prefill_len : past + q_len].bool()
-    else:
-        new_valid = torch.ones(batch, decoded + q_len, dtype=torch.bool, device=device)
-    key_valid = torch.cat([text_valid, new_valid], dim=1)  # [B, W + decoded + q]
-    width = text_valid.shape[1]
-    key = torch.arange(key_valid.shape[1], device=device)[None, :]
-    query = torch.arange(q_len, device=device)[:, None]
-    causal = key <= width + decoded + query  # the prompt's text is visible to every new token
-    return (key_valid[:, None, None, :] & causal[None, None]).expand(batch, 1, q_len, key_valid.shape[1])
+def _prefill_sequence_ids(attention_mask: Tensor | None, position_ids: Tensor | None, cache, batch: int,
+                          q_len: int, kwargs: dict) -> Tensor | None:
+    """Sequences of padding-free packed rows, where stock keeps them apart; None for one sequence per row.
+
+    Stock separates packed sequences when flash-attn's ``cu_seq_lens_q`` is passed, or (its masks) when
+    ``position_ids`` restart inside a row and neither a 2-D attention mask nor a cache is used.
+    """
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is not None:
+        if cache is not None or batch != 1:
+            raise ValueError(
+                "padding-free packed rows (cu_seq_lens_q) are routed per sequence, which needs one row (B=1) and "
+                "no KV cache: call the model with use_cache=False, as DataCollatorWithFlattening training does"
+            )
+        return sequence_ids_from_cu_seqlens(cu_seqlens, q_len)
+    if attention_mask is None and cache is None and position_ids is not None:
+        return packed_sequence_ids(position_ids.expand(batch, q_len))
+    return None
 
 
 def dpvr_language_forward(
@@ -208,20 +165,18 @@ def dpvr_language_forward(
             f"DPVR-LF needs a 2-D attention_mask [B, L] (1 = token, 0 = pad) to route tokens; got "
             f"{attention_mask.dim()}-D. Pass the tokenizer's mask instead of a prepared 4-D mask."
         )
-    image_mask = _IMAGE_MASK.get()
-    if image_mask is None and input_ids is not None:
-        image_mask = input_ids == state.image_token_id
-    if image_mask is None:
-        image_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
 
     if use_cache is None:
         use_cache = self.config.use_cache
+    num_layers = len(self.layers)
     if use_cache and cache is None:
         cache = DynamicCache(config=self.config)
-    num_layers = len(self.layers)
+    if cache is not None:
+        cache = DPVRCache.adopt(cache, full_layer=num_layers - 1)
     r, f = state.settings.route_layer, state.settings.fusion_layers
     batch, q_len = inputs_embeds.shape[:2]
-    past = cache.get_seq_length(num_layers - 1) if cache is not None else 0
+    past = cache.get_seq_length() if cache is not None else 0
+    explicit_positions = position_ids
     if position_ids is None:
         position_ids = (torch.arange(q_len, device=inputs_embeds.device) + past).unsqueeze(0)
 
@@ -233,14 +188,14 @@ def dpvr_language_forward(
         hidden = _layer_call(layer, hidden, cache, attention_mask=full_mask, **common)
 
     if past == 0:
-        hidden = _route_forward(self, hidden, image_mask, attention_mask, position_ids, cache, use_cache, kwargs)
+        image_mask = _IMAGE_MASK.get()
+        if image_mask is None:  # no vision features in this call: every token is text
+            image_mask = torch.zeros(batch, q_len, dtype=torch.bool, device=inputs_embeds.device)
+        sequence_ids = _prefill_sequence_ids(attention_mask, explicit_positions, cache, batch, q_len, kwargs)
+        hidden = _route_forward(self, hidden, image_mask, attention_mask, position_ids, sequence_ids, cache,
+                                use_cache, kwargs)
     else:
-        if image_mask.any():
-            raise ValueError(
-                "image tokens in a decode step: DPVR-LF routes images only in the prefill (the deep layers cache "
-                "text only). Put every image in the prompt, or run this input as a new prefill without a cache."
-            )
-        deep_mask = _deep_decode_mask(cache, attention_mask, past, q_len, batch, inputs_embeds.device)
+        deep_mask = deep_decode_mask(cache, attention_mask, past, q_len, batch, inputs_embeds.device)
         for layer in self.layers[r : num_layers - f]:
             hidden = _layer_call(layer, hidden, cache, attention_mask=deep_mask, **common)
 
@@ -251,15 +206,25 @@ def dpvr_language_forward(
 
 
 def _llava_model_forward(self, input_ids: Tensor | None = None, *args, **kwargs):
-    """LlavaModel.forward wrapper: finds the image tokens (it sees input_ids) and checks their count."""
+    """LlavaModel.forward wrapper: finds the vision tokens of a call that carries images, checks their count."""
     state: _PatchState = self.language_model._dpvr_state
+    pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+    if pixel_values is None and encoded is None:
+        # No vision features: stock embeds image-token ids as text, and so does DPVR-LF (decode steps).
+        return type(self).forward(self, input_ids, *args, **kwargs)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError(
+            "images in a decode step: pixel_values were passed with a cache that already holds tokens. DPVR-LF "
+            "routes images only in the prefill (the deep layers cache text only): put every image in the prompt, "
+            "drop pixel_values when continuing from a cache, or run this input as a new prefill without a cache."
+        )
     if input_ids is not None:
         image_mask = input_ids == state.image_token_id
-    elif kwargs.get("inputs_embeds") is not None:
+    else:
         token = torch.full((), state.image_token_id, dtype=torch.long, device=kwargs["inputs_embeds"].device)
         image_mask = (kwargs["inputs_embeds"] == self.get_input_embeddings()(token)).all(-1)
-    else:
-        image_mask = None
     token = _IMAGE_MASK.set(image_mask)
     try:
         return type(self).forward(self, input_ids, *args, **kwargs)
@@ -295,7 +260,7 @@ def _generate(self, *args, **kwargs):
             "cache of another length; use the default dynamic cache"
         )
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if cache is not None and type(cache) is not DynamicCache:
+    if cache is not None and not isinstance(cache, DPVRCache) and type(cache) is not DynamicCache:
         raise NotImplementedError(f"{type(cache).__name__} is not supported under DPVR-LF; pass a DynamicCache or none")
     return type(self).generate(self, *args, **kwargs)
 
@@ -377,8 +342,6 @@ def patch(model: nn.Module, route_layer: int | None = None, fusion_layers: int =
     if route_layer is None and saved:
         route_layer, fusion_layers = saved["route_layer"], saved.get("fusion_layers", fusion_layers)
     settings = DPVRConfig.resolve(len(lm.layers), route_layer, fusion_layers, backend)
-    if settings.route_layer == 0 and not _MASK_TAKES_LAYER_IDX:
-        raise ValueError("route_layer=0 needs transformers with create_causal_mask(layer_idx=...); use route_layer >= 1")
 
     existing = getattr(lm, "_dpvr_state", None)
     if existing is not None:
@@ -478,8 +441,10 @@ def describe(model: nn.Module) -> str:
     lines = [
         f"DPVR-LF on {type(model).__name__} ({type(lm).__name__}, {n} layers, {p.dtype}, {p.device})",
         f"  layers [0, {r}): full sequence, attention '{state.user_attn}'",
-        f"  side branch: copy of layer {r} on image tokens, varlen attention via {attention.varlen_backend(p.device, p.dtype)}",
-        f"  layers [{r}, {n - f}): text tokens only, varlen attention via {attention.varlen_backend(p.device, p.dtype)}",
+        f"  side branch: copy of layer {r} on image tokens, attention '{ATTN_NAME}' via "
+        f"{attention.varlen_backend(p.device, p.dtype)}",
+        f"  layers [{r}, {n - f}): text tokens only, attention '{ATTN_NAME}' via "
+        f"{attention.varlen_backend(p.device, p.dtype)}; KV cache (DPVRCache) holds text only",
         f"  layers [{n - f}, {n}): fused full sequence, attention '{state.user_attn}'",
         f"  route_split/fuse_merge: backend={state.settings.backend!r} -> {kernel_name}",
     ]
