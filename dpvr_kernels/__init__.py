@@ -8,7 +8,7 @@ the last layer. See DESIGN.md for the exact semantics.
 from . import reference
 from .config import DPVRConfig
 from .flops import cost_model
-from .models.cache import DPVRCache, kv_cache_bytes
+from .models.cache import DPVRCache, DPVRStaticCache, kv_cache_bytes
 from .models.llava import describe, is_patched, patch, unpatch
 from .ops import fuse_merge, route_split
 from .plan import RoutePlan, build_route_plan, build_route_plan_from_mask
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DPVRCache",
     "DPVRConfig",
+    "DPVRStaticCache",
     "RoutePlan",
     "cost_model",
     "describe",

@@ -130,7 +130,7 @@ def test_stock_cache_is_refused():
     "kw, match",
     [
         ({"num_beams": 2}, "beam search"),
-        ({"cache_implementation": "static"}, "cache_implementation"),
+        ({"cache_implementation": "offloaded"}, "cache_implementation='static'"),
         ({"prompt_lookup_num_tokens": 3}, "assisted decoding"),
     ],
 )

@@ -4,60 +4,45 @@
 ``get_mask_sizes``, ``get_query_offset``) answers with the stock meaning (the length of the whole sequence,
 read off a layer that holds every token) for any route layer, ``crop`` removes decoded tokens from every
 layer, and the batch reorderings carry the deep layers' slot mask along. The patched forward adopts a
-fresh ``DynamicCache`` into this class, so caches made by ``generate`` or by the user both work.
+fresh ``DynamicCache`` into this class, so caches made by ``generate`` or by the user both work;
+:class:`DPVRStaticCache` is the same over a ``StaticCache``, with a text-only capacity for the deep layers.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer
 
 from ..plan import RoutePlan
 
 
-class DPVRCache(DynamicCache):
-    """A ``DynamicCache`` whose deep layers hold the prompt's text tokens right-aligned in ``W`` slots.
+class _DPVRCacheMixin:
+    """What a cache needs under DPVR-LF, on top of a transformers cache class.
 
-    Attributes set by the prefill: ``dpvr_full_layer`` (a layer that holds every token),
-    ``dpvr_text_valid`` (bool ``[B, W]``, which deep-layer prompt slots hold a token) and
-    ``dpvr_prefill_len`` (the prompt length ``L``).
+    Attributes set by the patch and the prefill: ``dpvr_full_layer`` (a layer that holds every token),
+    ``dpvr_deep_layer`` (the first text-only layer), ``dpvr_text_valid`` (bool ``[B, W]``, which deep-layer
+    prompt slots hold a token) and ``dpvr_prefill_len`` (the prompt length ``L``).
     """
 
     dpvr_full_layer: int = -1
+    dpvr_deep_layer: int = 0
     dpvr_text_valid: Tensor | None = None
     dpvr_prefill_len: int = 0
 
-    @classmethod
-    def adopt(cls, cache: DynamicCache, full_layer: int) -> DPVRCache:
-        """Turn an empty ``DynamicCache`` into a ``DPVRCache`` in place (the caller keeps the same object)."""
-        if not isinstance(cache, cls):
-            if type(cache) is not DynamicCache:
-                raise NotImplementedError(
-                    f"{type(cache).__name__} is not supported under DPVR-LF (its deep layers cache text only); pass "
-                    "a DynamicCache or none"
-                )
-            if cache.get_seq_length() > 0:
-                raise RuntimeError(
-                    "this cache was not filled by a DPVR-LF prefill: run the prompt through the patched model first "
-                    "(model.generate does), or unpatch the model to reuse a stock cache"
-                )
-            cache.__class__ = cls
-        cache.dpvr_full_layer = full_layer
-        return cache
-
     @property
     def dpvr_filled(self) -> bool:
+        """True once a DPVR-LF prefill has written the prompt (a host-side flag: no device sync)."""
         return self.dpvr_text_valid is not None
 
     # -- queries with the stock meaning: one sequence length for every layer
-    def get_seq_length(self, layer_idx: int | None = None) -> int:
+    def get_seq_length(self, layer_idx: int | None = None):
         return super().get_seq_length(self._full_index())
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int | None = None) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length, layer_idx: int | None = None) -> tuple[int, int]:
         return super().get_mask_sizes(query_length, self._full_index())
 
-    def get_query_offset(self, layer_idx: int | None = None) -> int:
+    def get_query_offset(self, layer_idx: int | None = None):
         return self.get_seq_length()
 
     def _full_index(self) -> int:
@@ -66,17 +51,19 @@ class DPVRCache(DynamicCache):
 
     # -- edits that keep the deep layers consistent
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:  # legacy form: the length to keep
-            tokens_to_remove = tokens_to_remove - self.get_seq_length()
-        if tokens_to_remove == 0:
+        if tokens_to_remove == 0:  # generate's per-step call: no device sync
             return
-        if self.dpvr_filled and self.get_seq_length() + tokens_to_remove < self.dpvr_prefill_len:
+        length = int(self.get_seq_length())
+        if tokens_to_remove > 0:  # legacy form: the length to keep
+            tokens_to_remove -= length
+        if self.dpvr_filled and length + tokens_to_remove < self.dpvr_prefill_len:
             raise ValueError(
-                f"cannot crop {-tokens_to_remove} tokens from a DPVR-LF cache: only "
-                f"{self.get_seq_length() - self.dpvr_prefill_len} were decoded after the prompt, and the deep layers "
-                "hold the prompt's text tokens only; run the shorter prompt as a new prefill"
+                f"cannot crop {-tokens_to_remove} tokens from a DPVR-LF cache: only {length - self.dpvr_prefill_len} "
+                "were decoded after the prompt, and the deep layers hold the prompt's text tokens only; run the "
+                "shorter prompt as a new prefill"
             )
-        super().crop(tokens_to_remove)
+        if tokens_to_remove:
+            super().crop(tokens_to_remove)
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         super().reorder_cache(beam_idx)
@@ -96,6 +83,53 @@ class DPVRCache(DynamicCache):
     def reset(self) -> None:
         super().reset()
         self.dpvr_text_valid, self.dpvr_prefill_len = None, 0
+
+
+class DPVRCache(_DPVRCacheMixin, DynamicCache):
+    """A ``DynamicCache`` whose deep layers hold the prompt's text tokens right-aligned in ``W`` slots."""
+
+
+class DPVRStaticCache(_DPVRCacheMixin, StaticCache):
+    """A ``StaticCache`` whose deep layers [r, N-f) have a text-only capacity.
+
+    ``max_cache_len`` is the stock capacity (prompt + new tokens) of the layers that hold every token;
+    ``text_cache_len`` (longest text stream of the prompt + new tokens) that of the deep layers, which is
+    where the KV memory is saved. ``generate(cache_implementation="static")`` builds it under the patch.
+    """
+
+    def __init__(self, config, max_cache_len: int, text_cache_len: int, route_layer: int, fusion_layers: int = 1,
+                 **kwargs):
+        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        n = len(self.layers)
+        for i in range(route_layer, n - fusion_layers):
+            if type(self.layers[i]) is not StaticLayer:
+                raise NotImplementedError(f"{type(self.layers[i]).__name__} layers are not supported under DPVR-LF")
+            self.layers[i] = StaticLayer(max_cache_len=text_cache_len)
+        self.dpvr_full_layer, self.dpvr_deep_layer = n - 1, route_layer
+
+
+def adopt_cache(cache, full_layer: int, deep_layer: int):
+    """Turn an empty ``DynamicCache``/``StaticCache`` into its DPVR-LF class in place (the caller keeps the same
+    object); a cache of another class, or one a stock forward filled, is refused."""
+    if not isinstance(cache, _DPVRCacheMixin):
+        target = {DynamicCache: DPVRCache, StaticCache: DPVRStaticCache}.get(type(cache))
+        if target is None:
+            raise NotImplementedError(
+                f"{type(cache).__name__} is not supported under DPVR-LF (its deep layers cache text only); pass a "
+                "DynamicCache or StaticCache, none, or generate(..., cache_implementation='static')"
+            )
+        if int(cache.get_seq_length()) > 0:
+            raise RuntimeError(
+                "this cache was not filled by a DPVR-LF prefill: run the prompt through the patched model first "
+                "(model.generate does), or unpatch the model to reuse a stock cache"
+            )
+        cache.__class__ = target
+    cache.dpvr_full_layer, cache.dpvr_deep_layer = full_layer, deep_layer
+    return cache
+
+
+def is_dpvr_cache(cache) -> bool:
+    return isinstance(cache, _DPVRCacheMixin)
 
 
 class TextCacheWriter:
@@ -144,26 +178,36 @@ def text_cache_layout(plan: RoutePlan) -> tuple[Tensor, Tensor]:
     return slots, valid
 
 
-def deep_decode_mask(cache: DPVRCache, attention_mask: Tensor | None, past: int, q_len: int, batch: int,
-                     device: torch.device) -> Tensor:
-    """Boolean ``[B, 1, q, K]`` mask of a decode step over a deep layer's text-only cache."""
+def deep_decode_mask(cache, attention_mask: Tensor | None, q_len: int, batch: int, device: torch.device) -> Tensor:
+    """Boolean ``[B, 1, q, K]`` mask of a decode step over a deep layer's text-only cache.
+
+    Key slots: the prompt's ``W`` right-aligned text slots (``dpvr_text_valid``), then one slot per token fed
+    after the prompt. ``K`` is what the layer returns after this step's update: the filled length (dynamic)
+    or its capacity (static). No device-to-host sync: the filled length of a static layer stays a tensor.
+    """
     text_valid = cache.dpvr_text_valid
     if text_valid is None:
         raise RuntimeError(
             "this cache was not filled by a DPVR-LF prefill: run the prompt through the patched model first "
             "(model.generate does), or unpatch the model to reuse a stock cache"
         )
-    decoded = past - cache.dpvr_prefill_len  # tokens decoded before this step
+    layer = cache.layers[cache.dpvr_deep_layer]
+    filled = layer.get_seq_length()  # W + tokens decoded before this step (an int, or a tensor if static)
+    capacity = layer.get_max_length()
+    width = capacity if capacity > 0 else filled + q_len
+    prompt_slots = text_valid.shape[1]
+    new_slots = width - prompt_slots
     if attention_mask is not None and attention_mask.dim() == 2:
-        new_valid = attention_mask[:, cache.dpvr_prefill_len : past + q_len].bool()
+        new_valid = attention_mask[:, cache.dpvr_prefill_len :].bool()[:, :new_slots]
+        if new_valid.shape[1] < new_slots:  # a static layer's unused capacity
+            new_valid = torch.nn.functional.pad(new_valid, (0, new_slots - new_valid.shape[1]))
     else:
-        new_valid = torch.ones(batch, decoded + q_len, dtype=torch.bool, device=device)
-    key_valid = torch.cat([text_valid, new_valid], dim=1)  # [B, W + decoded + q]
-    width = text_valid.shape[1]
-    key = torch.arange(key_valid.shape[1], device=device)[None, :]
+        new_valid = torch.ones(batch, new_slots, dtype=torch.bool, device=device)
+    key_valid = torch.cat([text_valid, new_valid], dim=1)  # [B, K]
+    key = torch.arange(width, device=device)[None, :]
     query = torch.arange(q_len, device=device)[:, None]
-    causal = key <= width + decoded + query  # the prompt's text is visible to every new token
-    return (key_valid[:, None, None, :] & causal[None, None]).expand(batch, 1, q_len, key_valid.shape[1])
+    causal = key <= filled + query  # the prompt's text is visible to every new token
+    return (key_valid[:, None, None, :] & causal[None, None]).expand(batch, 1, q_len, width)
 
 
 def kv_cache_bytes(cache) -> int:

@@ -16,7 +16,6 @@ stock embeds it; in a call without them (every decode step) an image-token id is
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
 import inspect
 import os
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -36,14 +35,14 @@ from ..ops import fuse_merge, route_split
 from ..plan import build_route_plan_from_mask, packed_sequence_ids, sequence_ids_from_cu_seqlens
 from . import attention
 from .attention import ATTN_NAME, VarlenSegments
-from .cache import DPVRCache, TextCacheWriter, deep_decode_mask
+from .cache import DPVRCache, DPVRStaticCache, TextCacheWriter, adopt_cache, deep_decode_mask, is_dpvr_cache
 
 SIDE_BRANCH = "dpvr_side_branch"
 
-# The vision mask of the current LLaVA prefill, handed from the LlavaModel wrapper (which sees input_ids and
-# pixel_values) to the language model forward (which only sees embeddings). Set only when the call carries
-# vision features; decode steps never read it.
-_IMAGE_MASK: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("dpvr_image_mask", default=None)
+# The vision mask of a LLaVA call that carries images travels from the LlavaModel wrapper (which sees input_ids
+# and pixel_values) to the language model forward (which sees embeddings only) as this keyword argument:
+# stock LlavaModel.forward passes its **kwargs through. No global state, so compiled code traces it.
+VISION_MASK_KW = "dpvr_vision_mask"
 
 # transformers renamed ``past_key_values`` to ``cache`` during 5.x; follow whichever is installed.
 _CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -156,6 +155,7 @@ def dpvr_language_forward(
                 "per-layer tensors have different token sets); call dpvr_kernels.unpatch(model) to inspect them"
             )
     kwargs.pop("return_dict", None)
+    image_mask = kwargs.pop(VISION_MASK_KW, None)  # None: no vision features in this call, every token is text
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     if inputs_embeds is None:
@@ -169,13 +169,15 @@ def dpvr_language_forward(
     if use_cache is None:
         use_cache = self.config.use_cache
     num_layers = len(self.layers)
-    if use_cache and cache is None:
-        cache = DynamicCache(config=self.config)
-    if cache is not None:
-        cache = DPVRCache.adopt(cache, full_layer=num_layers - 1)
     r, f = state.settings.route_layer, state.settings.fusion_layers
+    if use_cache and cache is None:
+        cache = DPVRCache(config=self.config)
+    if cache is not None:
+        cache = adopt_cache(cache, full_layer=num_layers - 1, deep_layer=r)
     batch, q_len = inputs_embeds.shape[:2]
-    past = cache.get_seq_length() if cache is not None else 0
+    # Prefill or decode step is host-side state of the cache: no device sync, no branch on tensor values.
+    prefill = cache is None or not cache.dpvr_filled
+    past = cache.get_seq_length() if cache is not None else 0  # an int, or a tensor for a static cache
     explicit_positions = position_ids
     if position_ids is None:
         position_ids = (torch.arange(q_len, device=inputs_embeds.device) + past).unsqueeze(0)
@@ -187,15 +189,14 @@ def dpvr_language_forward(
     for layer in self.layers[:r]:
         hidden = _layer_call(layer, hidden, cache, attention_mask=full_mask, **common)
 
-    if past == 0:
-        image_mask = _IMAGE_MASK.get()
-        if image_mask is None:  # no vision features in this call: every token is text
+    if prefill:
+        if image_mask is None:
             image_mask = torch.zeros(batch, q_len, dtype=torch.bool, device=inputs_embeds.device)
         sequence_ids = _prefill_sequence_ids(attention_mask, explicit_positions, cache, batch, q_len, kwargs)
         hidden = _route_forward(self, hidden, image_mask, attention_mask, position_ids, sequence_ids, cache,
                                 use_cache, kwargs)
     else:
-        deep_mask = deep_decode_mask(cache, attention_mask, past, q_len, batch, inputs_embeds.device)
+        deep_mask = deep_decode_mask(cache, attention_mask, q_len, batch, inputs_embeds.device)
         for layer in self.layers[r : num_layers - f]:
             hidden = _layer_call(layer, hidden, cache, attention_mask=deep_mask, **common)
 
@@ -214,7 +215,7 @@ def _llava_model_forward(self, input_ids: Tensor | None = None, *args, **kwargs)
         # No vision features: stock embeds image-token ids as text, and so does DPVR-LF (decode steps).
         return type(self).forward(self, input_ids, *args, **kwargs)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if cache is not None and cache.get_seq_length() > 0:
+    if cache is not None and (cache.dpvr_filled if is_dpvr_cache(cache) else int(cache.get_seq_length()) > 0):
         raise ValueError(
             "images in a decode step: pixel_values were passed with a cache that already holds tokens. DPVR-LF "
             "routes images only in the prefill (the deep layers cache text only): put every image in the prompt, "
@@ -225,9 +226,8 @@ def _llava_model_forward(self, input_ids: Tensor | None = None, *args, **kwargs)
     else:
         token = torch.full((), state.image_token_id, dtype=torch.long, device=kwargs["inputs_embeds"].device)
         image_mask = (kwargs["inputs_embeds"] == self.get_input_embeddings()(token)).all(-1)
-    token = _IMAGE_MASK.set(image_mask)
     try:
-        return type(self).forward(self, input_ids, *args, **kwargs)
+        return type(self).forward(self, input_ids, *args, **kwargs, **{VISION_MASK_KW: image_mask})
     except ValueError as err:
         # The stock count check runs on device (no extra host sync here); name the fix when it fires.
         if "image tokens do not match" not in str(err):
@@ -237,8 +237,6 @@ def _llava_model_forward(self, input_ids: Tensor | None = None, *args, **kwargs)
             f"{err}. The prompt must hold exactly {per_image} image tokens (config.image_token_id="
             f"{self.config.image_token_id}) per image in pixel_values; the LLaVA processor inserts them"
         ) from err
-    finally:
-        _IMAGE_MASK.reset(token)
 
 
 def _generate(self, *args, **kwargs):
@@ -254,15 +252,53 @@ def _generate(self, *args, **kwargs):
         if kwargs.get(name) is not None or getattr(gen_cfg, name, None) is not None:
             raise NotImplementedError(f"{name} (assisted decoding) is not supported under DPVR-LF; unpatch first")
     impl = kwargs.get("cache_implementation", getattr(gen_cfg, "cache_implementation", None))
-    if impl not in (None, "dynamic"):
+    if impl not in (None, "dynamic", "static"):
         raise NotImplementedError(
             f"cache_implementation={impl!r} is not supported under DPVR-LF: the deep layers hold a text-only "
-            "cache of another length; use the default dynamic cache"
+            "cache of another length; use the default dynamic cache or cache_implementation='static'"
         )
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if cache is not None and not isinstance(cache, DPVRCache) and type(cache) is not DynamicCache:
-        raise NotImplementedError(f"{type(cache).__name__} is not supported under DPVR-LF; pass a DynamicCache or none")
+    if cache is not None and not is_dpvr_cache(cache) and type(cache) not in (DynamicCache, StaticCache):
+        raise NotImplementedError(
+            f"{type(cache).__name__} is not supported under DPVR-LF; pass a DynamicCache or StaticCache, none, or "
+            "cache_implementation='static'"
+        )
+    if impl == "static" and cache is None:
+        kwargs.pop("cache_implementation", None)
+        if getattr(gen_cfg, "cache_implementation", None) is not None:  # generate refuses a cache and an impl
+            gen_cfg = copy.deepcopy(gen_cfg)
+            gen_cfg.cache_implementation = None
+            kwargs["generation_config"] = gen_cfg
+        kwargs[_CACHE_KW] = _static_cache_for(self, gen_cfg, args, kwargs)
     return type(self).generate(self, *args, **kwargs)
+
+
+def _masks_for_generate(self, attention_mask=None, **kwargs):
+    """generate() turns the 2-D mask into 4-D masks up front for a static cache; DPVR-LF routes by the 2-D mask
+    and builds each layer's mask itself, so it keeps the 2-D one."""
+    return attention_mask
+
+
+def _static_cache_for(model: nn.Module, gen_cfg, args: tuple, kwargs: dict) -> DPVRStaticCache:
+    """The static cache of one generate call: stock capacity (prompt + new tokens - 1) for the layers that hold
+    every token, the longest text stream + new tokens - 1 for the deep layers (one host sync per call)."""
+    state: _PatchState = model.model.language_model._dpvr_state
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if prompt is None:
+        raise ValueError("generate(cache_implementation='static') under DPVR-LF needs input_ids or inputs_embeds")
+    batch, length = prompt.shape[:2]
+    max_new = kwargs.get("max_new_tokens", getattr(gen_cfg, "max_new_tokens", None))
+    if max_new is None:
+        max_new = kwargs.get("max_length", gen_cfg.max_length) - length
+    text = kwargs.get("attention_mask")
+    text = torch.ones(batch, length, dtype=torch.bool, device=prompt.device) if text is None else text.bool()
+    if input_ids is not None and (kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs")):
+        text = text & (input_ids != state.image_token_id)
+    longest_text = int(text.sum(1).max())
+    fed = max_new - 1  # as stock sizes it: the last new token is never fed back
+    return DPVRStaticCache(config=model.config, max_cache_len=length + fed, text_cache_len=longest_text + fed,
+                           route_layer=state.settings.route_layer, fusion_layers=state.settings.fusion_layers)
 
 
 # ---------------------------------------------------------------------------------------- patch/unpatch
@@ -379,6 +415,7 @@ def patch(model: nn.Module, route_layer: int | None = None, fusion_layers: int =
     lm.forward = types.MethodType(dpvr_language_forward, lm)
     model.model.forward = types.MethodType(_llava_model_forward, model.model)
     model.generate = types.MethodType(_generate, model)
+    model.create_masks_for_generate = types.MethodType(_masks_for_generate, model)
     model.config.dpvr = settings.to_dict()
     return model
 
@@ -394,7 +431,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     delattr(lm, SIDE_BRANCH)
     for obj in (lm, model.model):
         obj.__dict__.pop("forward", None)
-    model.__dict__.pop("generate", None)
+    for name in ("generate", "create_masks_for_generate"):
+        model.__dict__.pop(name, None)
     del lm._dpvr_state
     if hasattr(model.config, "dpvr"):
         del model.config.dpvr
