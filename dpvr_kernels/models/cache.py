@@ -124,7 +124,8 @@ def adopt_cache(cache, full_layer: int, deep_layer: int):
                 "(model.generate does), or unpatch the model to reuse a stock cache"
             )
         cache.__class__ = target
-    cache.dpvr_full_layer, cache.dpvr_deep_layer = full_layer, deep_layer
+    if cache.dpvr_full_layer < 0:  # set once, not on every decode step
+        cache.dpvr_full_layer, cache.dpvr_deep_layer = full_layer, deep_layer
     return cache
 
 
@@ -185,12 +186,7 @@ def deep_decode_mask(cache, attention_mask: Tensor | None, q_len: int, batch: in
     after the prompt. ``K`` is what the layer returns after this step's update: the filled length (dynamic)
     or its capacity (static). No device-to-host sync: the filled length of a static layer stays a tensor.
     """
-    text_valid = cache.dpvr_text_valid
-    if text_valid is None:
-        raise RuntimeError(
-            "this cache was not filled by a DPVR-LF prefill: run the prompt through the patched model first "
-            "(model.generate does), or unpatch the model to reuse a stock cache"
-        )
+    text_valid = cache.dpvr_text_valid  # set: the forward takes the decode path only for a filled cache
     layer = cache.layers[cache.dpvr_deep_layer]
     filled = layer.get_seq_length()  # W + tokens decoded before this step (an int, or a tensor if static)
     capacity = layer.get_max_length()
