@@ -465,6 +465,11 @@ class CostReport:
     decode_flops_dpvr: int = 0
     ideal_decode_speedup: float = 0.0
     ideal_decode_attention_speedup: float = 0.0
+    # decode is memory-bound: bytes read per step (decoder weights + lm_head once, plus the whole KV cache)
+    decode_weight_bytes: int = 0
+    decode_bytes_stock: int = 0
+    decode_bytes_dpvr: int = 0
+    ideal_decode_bytes_speedup: float = 0.0
 
     @property
     def prompt_len(self) -> int:
@@ -497,6 +502,25 @@ class CostReport:
         base = self.decode_linear_flops_per_token
         pair = self.attention_flops_per_pair
         return self.batch * (base + pair * stock_attn), self.batch * (base + pair * dpvr_attn)
+
+    def decode_bytes_per_step(self, context_len: int | None = None) -> tuple[int, int]:
+        """Bytes one decode step reads (whole batch), ``(stock, dpvr)``: the weights it runs (decoder layers,
+        final norm, lm_head; the side branch does not run in decode) once, plus every cached K/V element.
+
+        Args:
+            context_len: tokens per sample in the **stock** cache, as in :meth:`decode_flops_per_token`.
+        """
+        context = self.prompt_len if context_len is None else _as_int(context_len, "context_len")
+        if context < self.prompt_len:
+            raise ValueError(
+                f"context_len={context} is shorter than the prompt ({self.prompt_len} tokens per sample); "
+                f"pass the number of tokens already cached, at least the prompt length"
+            )
+        n, r, f = self.num_layers, self.route_layer, self.fusion_layers
+        per_token_layer = self.kv_bytes_stock // (self.batch * n * self.prompt_len)
+        stock_kv = self.batch * per_token_layer * n * context
+        dpvr_kv = self.batch * per_token_layer * ((r + f) * context + (n - f - r) * (context - self.image_tokens))
+        return self.decode_weight_bytes + stock_kv, self.decode_weight_bytes + dpvr_kv
 
     def as_dict(self) -> dict[str, Any]:
         """All fields as a JSON-friendly dict (breakdowns copied), plus ``prompt_len``."""
@@ -581,6 +605,14 @@ class CostReport:
             )
         )
         lines.append(row("attention FLOPs only", "", "", f"{self.ideal_decode_attention_speedup:.4f}x"))
+        lines.append(
+            row(
+                "bytes read per step",
+                fmt_bytes(self.decode_bytes_stock),
+                fmt_bytes(self.decode_bytes_dpvr),
+                f"{self.ideal_decode_bytes_speedup:.4f}x",
+            )
+        )
         return "\n".join(line.rstrip() for line in lines)
 
 
@@ -740,6 +772,11 @@ def cost_model(
     report.ideal_decode_speedup = d_stock / d_dpvr
     base = batch * report.decode_linear_flops_per_token
     report.ideal_decode_attention_speedup = _ratio(d_stock - base, d_dpvr - base)
+    lm_head_params = text.vocab * text.hidden  # read in decode whether or not it is tied to the embeddings
+    report.decode_weight_bytes = dtype_bytes * (n_layers * layer_params + text.hidden + lm_head_params)
+    b_stock, b_dpvr = report.decode_bytes_per_step()
+    report.decode_bytes_stock, report.decode_bytes_dpvr = b_stock, b_dpvr
+    report.ideal_decode_bytes_speedup = b_stock / b_dpvr
     return report
 
 

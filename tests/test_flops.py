@@ -339,6 +339,23 @@ def test_decode_flops():
         rep.decode_flops_per_token(100)
 
 
+def test_decode_bytes():
+    rep = cost_model("llava-1.5-7b", 576, 64, batch=4, route_layer=18, dtype_bytes=2)
+    layer = 4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096  # q, k, v, o; gate, up, down; two RMSNorms
+    weights = 2 * (32 * layer + 4096 + 32064 * 4096)
+    assert rep.decode_weight_bytes == weights
+    per_token_layer = 2 * 32 * 128 * 2
+    assert rep.decode_bytes_stock == weights + rep.kv_bytes_stock == weights + 4 * 32 * 640 * per_token_layer
+    assert rep.decode_bytes_dpvr == weights + rep.kv_bytes_dpvr
+    assert rep.ideal_decode_bytes_speedup == rep.decode_bytes_stock / rep.decode_bytes_dpvr > 1
+    later_stock, later_dpvr = rep.decode_bytes_per_step(700)
+    assert later_stock - later_dpvr == rep.decode_bytes_stock - rep.decode_bytes_dpvr  # the image tokens skipped
+    # the KV share, hence the ideal, grows with the batch
+    assert cost_model("llava-1.5-7b", 576, 64, batch=32).ideal_decode_bytes_speedup > rep.ideal_decode_bytes_speedup
+    with pytest.raises(ValueError, match="shorter than the prompt"):
+        rep.decode_bytes_per_step(10)
+
+
 def test_llava_next_is_five_images():
     rep = cost_model("llava-next-7b", 2880, 64)
     assert rep.images == 5
