@@ -15,5 +15,5 @@ DTYPE_NAME = {torch.bfloat16: "bf16", torch.float32: "fp32"}[DTYPE]
 CONFIG = named_config("llava-1.5-7b") if CUDA else scaled_config()
 TEXT_TOKENS = 64 if CUDA else 32
 PREFILL_BATCHES = [1, 8] if CUDA else [4]
-DECODE_BATCHES = [1, 32] if CUDA else [1, 16]
+DECODE_BATCHES = [1, 8, 32] if CUDA else [1, 16]
 DECODE_STEPS = 32 if CUDA else 8

@@ -2,6 +2,8 @@
 
 Shapes per device are in ``shapes.py`` (CUDA: LLaVA-1.5-7B, bf16, batch 1 and 8; CPU: a scaled-down
 LLaVA-1.5, fp32, batch 4). The ideal speedup is the FLOP ratio from ``dpvr_kernels.cost_model``.
+``test_prefill_compiled``: the same forward through ``torch.compile(model)``, stock compiled as the baseline
+(the one host sync of the route plan is a graph break by design; compilation is in the untimed warm-up).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from shapes import CONFIG, CUDA, DEVICE, DTYPE_NAME, PREFILL_BATCHES, TEXT_TOKENS
-from timing import measure
+from timing import QUICK, measure
 
 from dpvr_kernels.flops import cost_model, default_route_layer
 from dpvr_kernels.reference import reference_forward
@@ -44,3 +46,26 @@ def test_prefill(benchmark, record, llava_model, batch_size, variant):
              f"{CONFIG.text_config.num_hidden_layers} layers x {CONFIG.text_config.hidden_size}, {DTYPE_NAME}")
     record(benchmark, group=group, name=variant, baseline=variant == "stock",
            ideal=_ideal(batch_size) if variant.startswith("dpvr") else None)
+
+
+@pytest.mark.parametrize("batch_size", PREFILL_BATCHES)
+@pytest.mark.parametrize("variant", ["stock", "dpvr"])
+def test_prefill_compiled(benchmark, record, llava_model, batch_size, variant):
+    if QUICK:
+        pytest.skip("DPVR_BENCH_QUICK=1 smoke run: compiling the model does not fit it")
+    model = llava_model
+    batch = synthetic_batch(CONFIG, batch_size, TEXT_TOKENS, device=DEVICE, dtype=model.dtype)
+    set_dpvr(model, variant == "dpvr", backend="auto")
+    torch._dynamo.reset()  # stock and DPVR-LF share the weights but not their graphs
+    compiled = torch.compile(model)
+
+    def fn():
+        return compiled(**batch.as_kwargs(), use_cache=False)
+
+    with torch.no_grad():
+        measure(benchmark, fn, rounds=5, warmup=2)
+    torch._dynamo.reset()
+    group = (f"prefill compiled B={batch_size} {batch.image_tokens} img + {TEXT_TOKENS} txt, "
+             f"{CONFIG.text_config.num_hidden_layers} layers x {CONFIG.text_config.hidden_size}, {DTYPE_NAME}")
+    record(benchmark, group=group, name=variant, baseline=variant == "stock",
+           ideal=_ideal(batch_size) if variant == "dpvr" else None)

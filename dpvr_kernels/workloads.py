@@ -116,18 +116,42 @@ def synthetic_batch(config, batch: int, text_tokens: int, images: int = 1, pad: 
     return Batch(ids.to(device), mask.to(device), pixels, images * per_image, text_tokens)
 
 
-def prefill(model, batch: Batch, use_cache: bool = True):
-    """One forward over the prompts; returns (next greedy tokens ``[B, 1]``, cache)."""
+def static_cache(model, batch: Batch, steps: int):
+    """A static cache for a prompt of ``batch`` and ``steps`` decode steps, sized as ``generate`` sizes it:
+    stock's ``StaticCache`` for a stock model; for a patched one a ``DPVRStaticCache`` whose deep layers hold
+    the longest text stream (prompt text + new tokens) only."""
+    from transformers import StaticCache
+
+    from .models.cache import DPVRStaticCache
+    from .models.llava import is_patched
+
+    length = batch.input_ids.shape[1]
+    if not is_patched(model):
+        return StaticCache(config=model.config, max_cache_len=length + steps)
+    text = batch.attention_mask.bool() & (batch.input_ids != model.config.image_token_id)
+    dpvr = model.config.dpvr
+    return DPVRStaticCache(config=model.config, max_cache_len=length + steps,
+                           text_cache_len=int(text.sum(1).max()) + steps, route_layer=dpvr["route_layer"],
+                           fusion_layers=dpvr["fusion_layers"])
+
+
+def prefill(model, batch: Batch, use_cache: bool = True, cache=None):
+    """One forward over the prompts; returns (next greedy tokens ``[B, 1]``, cache). ``cache``: a cache to
+    fill (e.g. :func:`static_cache`); None for the model's default (dynamic)."""
     from .models.llava import _CACHE_KW
 
     pos = generate_position_ids(batch.attention_mask)
-    out = model(**batch.as_kwargs(), position_ids=pos, use_cache=use_cache, logits_to_keep=1)
+    out = model(**batch.as_kwargs(), position_ids=pos, use_cache=use_cache, logits_to_keep=1,
+                **({_CACHE_KW: cache} if cache is not None else {}))
     return greedy(model, out.logits[:, -1]), getattr(out, _CACHE_KW)
 
 
-def decode(model, batch: Batch, first_tokens: Tensor, cache, steps: int) -> Tensor:
-    """``steps`` greedy decode steps after :func:`prefill` (what generate does, without its overhead)."""
+def decode(model, batch: Batch, first_tokens: Tensor, cache, steps: int, forward=None) -> Tensor:
+    """``steps`` greedy decode steps after :func:`prefill` (what generate does, without its overhead).
+    ``forward``: what runs a step (e.g. ``torch.compile(model)``); default ``model``."""
     from .models.llava import _CACHE_KW
+
+    forward = model if forward is None else forward
 
     mask = batch.attention_mask
     pos = mask.sum(-1, keepdim=True) - 1
@@ -135,8 +159,8 @@ def decode(model, batch: Batch, first_tokens: Tensor, cache, steps: int) -> Tens
     for _ in range(steps):
         mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
         pos = pos + 1
-        out = model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
-                    **{_CACHE_KW: cache})
+        out = forward(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
+                      **{_CACHE_KW: cache})
         tokens = greedy(model, out.logits[:, -1])
         out_tokens.append(tokens)
     return torch.cat(out_tokens, dim=1)

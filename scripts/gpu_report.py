@@ -101,11 +101,27 @@ def read_tests(out: Path) -> dict:
 
 
 def read_bench(out: Path) -> dict:
-    path = out / "gpu_bench.json"
+    """The benchmark tables: the eager stage's and the compiled stage's groups together."""
+    bench: dict = {"machine": None, "groups": {}}
+    errors = []
+    for name in ("gpu_bench.json", "gpu_bench_compiled.json"):
+        try:
+            part = json.loads((out / name).read_text())
+        except (OSError, ValueError) as e:
+            errors.append(f"{name}: {e}")
+            continue
+        bench["machine"] = bench["machine"] or part.get("machine")
+        bench["groups"].update(part.get("groups", {}))
+    if errors:
+        bench["error"] = "; ".join(errors)
+    return bench
+
+
+def read_capacity(out: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads((out / "gpu_capacity.json").read_text())
     except (OSError, ValueError) as e:
-        return {"machine": None, "groups": {}, "error": f"{path.name}: {e}"}
+        return {"error": f"gpu_capacity.json: {e}"}
 
 
 def _pct(x: float | None) -> str:
@@ -116,7 +132,7 @@ def _x(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}x"
 
 
-def short_table(stages: list[dict], tests: dict, bench: dict) -> list[str]:
+def short_table(stages: list[dict], tests: dict, bench: dict, capacity: dict | None = None) -> list[str]:
     lines = ["| stage | status | seconds (cap) |", "|---|---|---:|"]
     lines += [f"| {s['stage']} | {s['status']} | {s['seconds']} ({s['cap_s']}) |" for s in stages]
     lines.append("")
@@ -137,6 +153,13 @@ def short_table(stages: list[dict], tests: dict, bench: dict) -> list[str]:
                              f"| {_x(r['ideal'])} | {_pct(r['fraction_of_ideal'])} | {_pct(r['fraction_of_ceiling'])} |")
     if not bench.get("groups"):
         lines.append("| (no benchmark rows: see gpu_bench_log.txt) | | | | | | |")
+    if capacity and "max_batch" in capacity:
+        mb = capacity["max_batch"]
+        ratio = f" ({capacity['ratio']:.2f}x)" if capacity.get("ratio") else ""
+        lines += ["", f"Largest batch, {capacity['prompt_tokens']} + {capacity['new_tokens']} tokens, static cache "
+                  f"({capacity['limit']}): stock {mb.get('stock')}, DPVR-LF {mb.get('dpvr')}{ratio}"]
+    elif capacity:
+        lines += ["", f"Largest batch: no result ({capacity.get('error')}; see gpu_capacity_log.txt)"]
     return lines
 
 
@@ -147,31 +170,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out: Path = args.out
     env = environment()
-    stages, tests, bench = read_stages(out), read_tests(out), read_bench(out)
+    stages, tests, bench, capacity = read_stages(out), read_tests(out), read_bench(out), read_capacity(out)
     ok = bool(stages) and all(s["status"] in ("passed", "skipped") for s in stages)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     report = {"date": stamp, "dry_run": bool(args.dry_run), "ok": ok, "environment": env, "stages": stages,
-              "tests": tests, "benchmarks": bench}
+              "tests": tests, "benchmarks": bench, "capacity": capacity}
     (out / "gpu_report.json").write_text(json.dumps(report, indent=1) + "\n")
 
     title = "GPU check" + (" (DRY RUN on CPU: checks the kit, no GPU figures)" if args.dry_run else "")
     md = [f"# {title}, {stamp}", "", "Produced by `bash scripts/gpu_check.sh` (tables: medians; every speedup "
-          "is against the baseline row of the same table, measured in the same run; ideal = cost_model's FLOP "
-          "ratio; of copy = bandwidth against a device copy of the same bytes).", "", "## Environment", ""]
+          "is against the baseline row of the same table, measured in the same run; ideal = cost_model's ratio: "
+          "FLOPs for prefill, bytes read (weights + KV) for decode; of copy = bandwidth against a device copy of the same bytes).", "", "## Environment", ""]
     md += [f"- {k}: {v}" for k, v in env.items()]
-    md += ["", "## Summary", ""] + short_table(stages, tests, bench)
+    md += ["", "## Summary", ""] + short_table(stages, tests, bench, capacity)
     md += ["", "## CUDA tests (tail of the log)", "", "```"]
     log = out / "gpu_tests.txt"
     md += log.read_text().splitlines()[-30:] if log.exists() else ["(no log)"]
     md += ["```", "", "## Benchmarks", ""]
-    tables = out / "gpu_bench.md"
-    md += tables.read_text().splitlines() if tables.exists() else ["(no tables: see gpu_bench_log.txt)"]
+    for name in ("gpu_bench.md", "gpu_bench_compiled.md"):
+        tables = out / name
+        md += tables.read_text().splitlines() if tables.exists() else [f"(no {name}: see the stage's log)"]
     (out / "gpu_report.md").write_text("\n".join(md) + "\n")
 
     print()
     print(f"gpu_check: report in {out / 'gpu_report.md'} and gpu_report.json "
           f"({env.get('gpu') or 'no GPU'}, torch {env.get('torch')}); {'all stages passed' if ok else 'NOT all passed'}")
-    print("\n".join(short_table(stages, tests, bench)))
+    print("\n".join(short_table(stages, tests, bench, capacity)))
     return 0 if ok else 1
 
 

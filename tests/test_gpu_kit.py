@@ -39,7 +39,9 @@ def test_dry_run_writes_the_report(tmp_path):
     assert "all stages passed" in proc.stdout
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     assert report["dry_run"] and report["ok"]
-    assert [s["stage"] for s in report["stages"]] == ["build", "tests", "benchmarks"]
+    assert [s["stage"] for s in report["stages"]] == ["build", "tests", "benchmarks", "capacity", "benchmarks_compiled"]
+    capacity = report["capacity"]  # the dry run's CPU budget admits the whole (small) search range
+    assert capacity["max_batch"] == {"stock": 2, "dpvr": 2} and capacity["new_tokens"] == 2
     assert report["environment"]["torch"] == torch.__version__
     # Every CUDA-marked test was collected (and skipped here): the kit runs the whole CUDA set on a GPU.
     tests = report["tests"]
@@ -61,7 +63,7 @@ def test_dry_run_writes_the_report(tmp_path):
     decode_notes = [r["note"] for g, rows in groups.items() if g.startswith("decode") for r in rows]
     assert all("prompt KV" in n for n in decode_notes) and any("x of stock" in n for n in decode_notes)
     md = (tmp_path / "gpu_report.md").read_text()
-    assert "DRY RUN" in md and "| stage | status |" in md and "### prefill" in md
+    assert "DRY RUN" in md and "| stage | status |" in md and "### prefill" in md and "Largest batch" in md
 
 
 def test_deadline_reached_is_reported_as_not_passed(tmp_path):
