@@ -5,7 +5,8 @@ A plan says, for every token of a ``[B, L]`` batch, whether it is *text* (stays 
 packed indices, ``cu_seqlens`` and positions that the route kernels and varlen attention need.
 
 Everything is built with device ops; the one device-to-host sync is a single ``.tolist()`` of the
-``2 x B`` segment lengths, which output shapes and varlen attention (max lengths) need anyway.
+``2 x B`` segment lengths, which output shapes and varlen attention (max lengths) need anyway, and of the
+batch's position span (whether a sliding window can bind).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class RoutePlan:
     """int64 [V]: the stock position id of each image token."""
     packed: bool = False
     """True when rows hold several sequences (segments are sequences, not samples)."""
+    position_span: int = 0
+    """Largest position difference between two real tokens of the batch (sliding windows bind at or above it)."""
 
     @property
     def device(self) -> torch.device:
@@ -131,13 +134,17 @@ def build_route_plan_from_mask(
 
     is_image = image_mask & valid
     is_text = valid & ~image_mask
+    big = torch.iinfo(torch.long).max
+    span = (positions.masked_fill(~valid, -big).amax() - positions.masked_fill(~valid, big).amin()).clamp(min=0)
     if sequence_ids is None:
         text_counts = is_text.sum(1)
         image_counts = is_image.sum(1)
-        # The only host sync: the segment lengths, needed for shapes and varlen attention.
-        text_seqlens, image_seqlens = torch.stack([text_counts, image_counts]).tolist()
+        # The only host sync: the segment lengths (shapes, varlen attention) and the position span (windows).
+        host = torch.cat([text_counts, image_counts, span[None]]).tolist()
+        text_seqlens, image_seqlens, position_span = host[:bsz], host[bsz : 2 * bsz], host[-1]
     else:
-        text_counts, image_counts, text_seqlens, image_seqlens = _packed_counts(sequence_ids, is_text, is_image)
+        text_counts, image_counts, text_seqlens, image_seqlens, position_span = _packed_counts(
+            sequence_ids, is_text, is_image, span)
     num_text, num_image = sum(text_seqlens), sum(image_seqlens)
 
     flat_text = is_text.reshape(-1)
@@ -171,10 +178,11 @@ def build_route_plan_from_mask(
         text_position_ids=flat_pos.index_select(0, gather_index[:num_text]),
         image_position_ids=flat_pos.index_select(0, gather_index[num_text:]),
         packed=sequence_ids is not None,
+        position_span=position_span,
     )
 
 
-def _packed_counts(sequence_ids: Tensor, is_text: Tensor, is_image: Tensor):
+def _packed_counts(sequence_ids: Tensor, is_text: Tensor, is_image: Tensor, span: Tensor):
     """Per-sequence token counts of packed rows, with the same single host sync as the unpacked plan."""
     bsz, seq_len = is_text.shape
     if tuple(sequence_ids.shape) != (bsz, seq_len):
@@ -186,15 +194,15 @@ def _packed_counts(sequence_ids: Tensor, is_text: Tensor, is_image: Tensor):
     table[0].index_add_(0, slot, is_text.reshape(-1).long())
     table[1].index_add_(0, slot, is_image.reshape(-1).long())
     n_seq = seq[:, -1] + 1
-    host = torch.cat([n_seq, table.reshape(-1)]).tolist()
-    n_seq_host, table_host = host[:bsz], host[bsz:]
+    host = torch.cat([n_seq, table.reshape(-1), span[None]]).tolist()
+    n_seq_host, table_host, position_span = host[:bsz], host[bsz:-1], host[-1]
     text_seqlens, image_seqlens = [], []
     for b, n in enumerate(n_seq_host):
         text_seqlens += table_host[b * seq_len : b * seq_len + n]
         image_seqlens += table_host[(bsz + b) * seq_len : (bsz + b) * seq_len + n]
     text_counts = torch.tensor(text_seqlens, dtype=torch.long, device=seq.device)
     image_counts = torch.tensor(image_seqlens, dtype=torch.long, device=seq.device)
-    return text_counts, image_counts, text_seqlens, image_seqlens
+    return text_counts, image_counts, text_seqlens, image_seqlens, position_span
 
 
 def build_route_plan(

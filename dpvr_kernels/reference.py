@@ -12,35 +12,56 @@ import torch
 from torch import Tensor, nn
 
 from .flops import validate_route
-from .models.llava import SIDE_BRANCH, _language_model, _layer_call, stock_attention
+from .models import classes
+from .models.llava import SIDE_BRANCH, _language_model, _layer_call, _layer_types, stock_attention
 
 
-def _causal_additive(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    mask = torch.zeros(n, n, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+def _mask_additive(positions: Tensor, window: int | None, dtype: torch.dtype) -> Tensor:
+    """Causal by original position, and within ``window`` positions of the query for a sliding-window layer."""
+    diff = positions[:, None] - positions[None, :]
+    allowed = diff >= 0
+    if window is not None:
+        allowed &= diff < window
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
 
 
-def _run(layers, lm, hidden: Tensor, positions: Tensor) -> Tensor:
-    """Layers on one segment ``[1, n, D]``: causal within it, at the given original positions."""
+def _run(layers, windows, lm, hidden: Tensor, positions: Tensor) -> Tensor:
+    """Layers on one segment ``[1, n, D]`` at the given original positions (``windows``: each layer's window)."""
     if hidden.shape[1] == 0:
         return hidden
-    mask = _causal_additive(hidden.shape[1], hidden.dtype, hidden.device)
     pe = lm.rotary_emb(hidden, positions[None])
-    for layer in layers:
+    for layer, window in zip(layers, windows, strict=True):
+        mask = _mask_additive(positions, window, hidden.dtype)
         hidden = _layer_call(layer, hidden, None, attention_mask=mask, position_embeddings=pe,
                              position_ids=positions[None], use_cache=False)
     return hidden
 
 
-def _embeddings(model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None, vision_mask: Tensor) -> Tensor:
+class _Embedded(Exception):
+    pass
+
+
+def _embeddings(model: nn.Module, input_ids: Tensor, vision_inputs: dict) -> Tensor:
+    """The decoder's input embeddings as the stock multimodal forward makes them (vision features scattered into
+    the placeholders by the model class's own code): captured at the language model's input."""
     llava = model.model
-    embeds = llava.get_input_embeddings()(input_ids)
-    if pixel_values is None:
-        return embeds
-    features = llava.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
-    features = torch.cat(list(features), dim=0).to(embeds.device, embeds.dtype)
-    return embeds.masked_scatter(vision_mask[..., None].expand_as(embeds), features)
+    if not vision_inputs:
+        return llava.get_input_embeddings()(input_ids)
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"]
+        raise _Embedded
+
+    handle = llava.language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        type(llava).forward(llava, input_ids=input_ids, use_cache=False, **vision_inputs)
+    except _Embedded:
+        pass
+    finally:
+        handle.remove()
+    return captured["embeds"]
 
 
 def _sequences(positions: Tensor, packed: bool) -> list[Tensor]:
@@ -65,6 +86,7 @@ def reference_forward(
     hidden_only: bool = False,
     packed: bool | None = None,
     vision_mask: Tensor | None = None,
+    **vision_inputs,
 ) -> Tensor:
     """DPVR-LF logits ``[B, L, vocab]`` (zeros at pad positions), one sample at a time.
 
@@ -73,11 +95,13 @@ def reference_forward(
     ``route_layer=None`` takes the patched setting or the default. ``hidden_only`` returns the final
     normed hidden states instead of logits. Differentiable; wrap in ``torch.no_grad()`` for inference.
 
-    Image tokens are the ``config.image_token_id`` tokens of a call with ``pixel_values``; without them
-    every token is text (as stock embeds it). ``vision_mask`` (bool ``[B, L]``) names them explicitly, e.g.
-    the prompt's image tokens when a generated token carries the image-token id. ``packed``: rows hold several sequences, split wherever
-    ``position_ids`` do not follow on, each run as its own sample; ``None`` does so where stock does
-    without a cache (``position_ids`` given, no ``attention_mask``).
+    Vision tokens are the placeholders (``config.image_token_id``, ``video_token_id``) of the inputs the call
+    carries (``pixel_values``, and in ``vision_inputs`` e.g. ``image_sizes``, ``pixel_values_videos``, passed to
+    the stock forward as they are); without them every token is text (as stock embeds it). ``vision_mask``
+    (bool ``[B, L]``) names them explicitly, e.g. the prompt's image tokens when a generated token carries the
+    image-token id. ``packed``: rows hold several sequences, split wherever ``position_ids`` do not follow on,
+    each run as its own sample; ``None`` does so where stock does without a cache (``position_ids`` given, no
+    ``attention_mask``). Sliding-window layers attend within their window of original positions.
     """
     lm = _language_model(model)
     n_layers = len(lm.layers)
@@ -95,13 +119,17 @@ def reference_forward(
     if position_ids is None:
         position_ids = torch.arange(seq_len, device=input_ids.device)[None]
     position_ids = position_ids.expand(bsz, seq_len)
+    if pixel_values is not None:
+        vision_inputs["pixel_values"] = pixel_values
     if vision_mask is None:
-        vision_mask = input_ids == model.config.image_token_id
-        if pixel_values is None:
-            vision_mask = torch.zeros_like(vision_mask)
+        carried = classes.carried_inputs(classes.model_class(model), (), vision_inputs)
+        vision_mask = (classes.vision_mask(model.model, carried, input_ids, None) if carried
+                       else torch.zeros_like(input_ids, dtype=torch.bool))
+    types, window = _layer_types(lm)
+    windows = [window if t == "sliding_attention" else None for t in types]
 
     with stock_attention(model):
-        embeds = _embeddings(model, input_ids, pixel_values, vision_mask)
+        embeds = _embeddings(model, input_ids, vision_inputs)
         outputs = []
         for b in range(bsz):
             keep = attention_mask[b].bool()
@@ -109,7 +137,7 @@ def reference_forward(
             full = None
             for seq in _sequences(position_ids[b].index_select(0, valid), packed):
                 rows = valid.index_select(0, seq)
-                out = _one_sequence(model, lm, side_branch, embeds[b].index_select(0, rows)[None],
+                out = _one_sequence(model, lm, side_branch, windows, embeds[b].index_select(0, rows)[None],
                                     position_ids[b].index_select(0, rows), vision_mask[b].index_select(0, rows),
                                     r, f, hidden_only)
                 if full is None:
@@ -122,15 +150,17 @@ def reference_forward(
     return torch.stack(outputs)
 
 
-def _one_sequence(model, lm, side_branch, hidden: Tensor, positions: Tensor, is_image: Tensor, r: int, f: int,
-                  hidden_only: bool) -> Tensor:
+def _one_sequence(model, lm, side_branch, windows: list, hidden: Tensor, positions: Tensor, is_image: Tensor, r: int,
+                  f: int, hidden_only: bool) -> Tensor:
     """DESIGN §2 for one sequence ``[1, n, D]`` without pads: full layers, route, side branch, fuse."""
-    n_layers = len(lm.layers)
+    n = len(lm.layers)
     text_idx = torch.arange(is_image.numel(), device=is_image.device)[~is_image]
     image_idx = torch.arange(is_image.numel(), device=is_image.device)[is_image]
-    hidden = _run(lm.layers[:r], lm, hidden, positions)
-    text = _run(lm.layers[r : n_layers - f], lm, hidden.index_select(1, text_idx), positions.index_select(0, text_idx))
-    image = _run([side_branch], lm, hidden.index_select(1, image_idx), positions.index_select(0, image_idx))
+    hidden = _run(lm.layers[:r], windows[:r], lm, hidden, positions)
+    text = _run(lm.layers[r : n - f], windows[r : n - f], lm, hidden.index_select(1, text_idx),
+                positions.index_select(0, text_idx))
+    image = _run([side_branch], [windows[r]], lm, hidden.index_select(1, image_idx),
+                 positions.index_select(0, image_idx))
     fused = hidden.clone().index_copy(1, text_idx, text).index_copy(1, image_idx, image)
-    fused = lm.norm(_run(lm.layers[n_layers - f :], lm, fused, positions))
+    fused = lm.norm(_run(lm.layers[n - f :], windows[n - f :], lm, fused, positions))
     return fused if hidden_only else model.lm_head(fused)

@@ -6,6 +6,12 @@ modules at ``"dpvr_varlen"``, registered with transformers' ``AttentionInterface
 the first of: flash-attn ``flash_attn_varlen_func``, torch ``varlen_attn`` (CUDA), SDPA per segment.
 Without one (decode steps of the deep layers) it is SDPA with the explicit mask the patched forward
 builds for the text-only cache.
+
+Sliding-window layers (the stock attention modules pass ``sliding_window``) keep the window over the tokens'
+original positions (DESIGN §2.6): a key is visible when ``position(q) - position(k) < window``. Where no two
+tokens of the batch are that far apart (``position_span < window``) it is plain causal attention; where they
+are, each segment gets an explicit mask by position (the text stream has gaps where the image tokens were, so a
+window over packed indices would be wrong).
 """
 
 from __future__ import annotations
@@ -30,6 +36,14 @@ class VarlenSegments:
     cu_seqlens: Tensor
     seqlens: tuple[int, ...]
     max_seqlen: int
+    positions: Tensor | None = None
+    """int64 [T]: original position of each packed token (for sliding windows)."""
+    position_span: int = 0
+    """Largest position difference between two valid tokens of the batch (host int; 0 if unknown)."""
+
+    def window_binds(self, window: int | None) -> bool:
+        """Whether a sliding window of this size masks any key a plain causal mask would show."""
+        return window is not None and self.position_span >= window
 
 
 @functools.cache
@@ -114,6 +128,28 @@ def _sdpa_per_segment(q: Tensor, k: Tensor, v: Tensor, seg: VarlenSegments, scal
     return out.transpose(0, 1)
 
 
+def _sdpa_windowed(q: Tensor, k: Tensor, v: Tensor, seg: VarlenSegments, scale: float, dropout: float,
+                   window: int) -> Tensor:
+    """Per segment, causal and within ``window`` positions of the query (explicit boolean masks)."""
+    gqa = q.shape[0] != k.shape[0]
+    outs, start = [], 0
+    for n in seg.seqlens:
+        if n:
+            sl = slice(start, start + n)
+            pos = seg.positions[sl]
+            diff = pos[:, None] - pos[None, :]
+            allowed = (diff >= 0) & (diff < window)
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[None, :, sl], k[None, :, sl], v[None, :, sl], attn_mask=allowed[None, None], dropout_p=dropout,
+                    scale=scale, enable_gqa=gqa,
+                )[0]
+            )
+        start += n
+    out = torch.cat(outs, dim=1) if outs else q.new_empty(q.shape)
+    return out.transpose(0, 1)
+
+
 def dpvr_varlen_attention(
     module: torch.nn.Module,
     query: Tensor,
@@ -123,6 +159,7 @@ def dpvr_varlen_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     dpvr_segments: VarlenSegments | None = None,
+    sliding_window: int | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
     """Attention for the text stream and side branch; signature of transformers' attention functions.
@@ -143,6 +180,8 @@ def dpvr_varlen_attention(
     if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
         raise RuntimeError("varlen attention expects packed [1, H, T, Dh] queries and keys of the same stream")
     q, k, v = query[0], key[0], value[0]  # [H, T, Dh]
+    if dpvr_segments.window_binds(sliding_window):
+        return _sdpa_windowed(q, k, v, dpvr_segments, scale, dropout, sliding_window).unsqueeze(0), None
     path = varlen_backend(q.device, q.dtype)
     if path == "flash_attn":
         out = _flash_attn_varlen()(

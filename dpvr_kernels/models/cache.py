@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer
+from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer, StaticSlidingWindowLayer
 
 from ..plan import RoutePlan
 
@@ -100,12 +100,28 @@ class DPVRStaticCache(_DPVRCacheMixin, StaticCache):
     def __init__(self, config, max_cache_len: int, text_cache_len: int, route_layer: int, fusion_layers: int = 1,
                  **kwargs):
         super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        _unwindowed(self)
         n = len(self.layers)
         for i in range(route_layer, n - fusion_layers):
             if type(self.layers[i]) is not StaticLayer:
                 raise NotImplementedError(f"{type(self.layers[i]).__name__} layers are not supported under DPVR-LF")
             self.layers[i] = StaticLayer(max_cache_len=text_cache_len)
         self.dpvr_full_layer, self.dpvr_deep_layer = n - 1, route_layer
+
+
+def _unwindowed(cache: StaticCache) -> None:
+    """Sliding-window layers of a static cache whose capacity is within the window (so the window cannot bind)
+    become plain static layers, which DPVR-LF's text-only deep layers use; a window that could bind is refused
+    (a rolling buffer over the text-only stream would drop keys by count, not by original position)."""
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, StaticSlidingWindowLayer):
+            if not getattr(layer, "_is_croppable", False):  # transformers: capacity <= window
+                raise NotImplementedError(
+                    f"a static cache longer than the model's sliding window (holding {layer.max_cache_len} of its "
+                    "tokens) is not supported under DPVR-LF: its text-only layers cannot roll a window over original "
+                    "positions. Keep prompt + max_new_tokens within the window, or call dpvr_kernels.unpatch(model)"
+                )
+            cache.layers[i] = StaticLayer(max_cache_len=layer.max_cache_len)
 
 
 def adopt_cache(cache, full_layer: int, deep_layer: int):
@@ -123,6 +139,8 @@ def adopt_cache(cache, full_layer: int, deep_layer: int):
                 "this cache was not filled by a DPVR-LF prefill: run the prompt through the patched model first "
                 "(model.generate does), or unpatch the model to reuse a stock cache"
             )
+        if target is DPVRStaticCache:
+            _unwindowed(cache)
         cache.__class__ = target
     if cache.dpvr_full_layer < 0:  # set once, not on every decode step
         cache.dpvr_full_layer, cache.dpvr_deep_layer = full_layer, deep_layer

@@ -1,4 +1,5 @@
-"""DPVR-LF for Hugging Face ``LlavaForConditionalGeneration``: patch, the routed forward, unpatch.
+"""DPVR-LF for the Hugging Face LLaVA family (see ``classes.py`` for the model classes): patch, the routed
+forward, unpatch.
 
 The patch binds methods onto one model instance (nothing global changes but the registration of the
 ``"dpvr_varlen"`` attention function), and :func:`unpatch` removes them again, bit-exact.
@@ -9,8 +10,10 @@ Data flow of a prefill (DESIGN §4)::
                                      └─ image ─ side branch (varlen)    ─ fuse_merge ─ layers[N-f, N) ─ norm
 
 Decode steps carry text tokens only: layers [r, N-f) attend over their text-only cache with a mask.
-A token is routed as vision only where the call carries vision features for it (``pixel_values``), as
-stock embeds it; in a call without them (every decode step) an image-token id is an ordinary token.
+A token is routed as vision (image or video) only where the call carries vision features for it
+(``pixel_values``, ``pixel_values_videos``), as stock embeds it; in a call without them (every decode step) a
+placeholder id is an ordinary token. Sliding-window backbones keep their window over original positions
+everywhere (DESIGN §2.6; ``attention.py``).
 """
 
 from __future__ import annotations
@@ -25,15 +28,15 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import DynamicCache, StaticCache
-from transformers.masking_utils import create_causal_mask
+from transformers.cache_utils import DynamicCache, StaticCache, get_layer_types_and_kwargs
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..config import DPVRConfig
 from ..flops import tokens_per_image
 from ..ops import fuse_merge, route_split
 from ..plan import build_route_plan_from_mask, packed_sequence_ids, sequence_ids_from_cu_seqlens
-from . import attention
+from . import attention, classes
 from .attention import ATTN_NAME, VarlenSegments
 from .cache import DPVRCache, DPVRStaticCache, TextCacheWriter, adopt_cache, deep_decode_mask, is_dpvr_cache
 
@@ -54,7 +57,11 @@ class _PatchState:
     """What patch() changed on the instance, so that unpatch() can put it back."""
 
     settings: DPVRConfig
-    image_token_id: int
+    model_class: classes.ModelClass
+    layer_types: tuple[str, ...]
+    """Attention type of each decoder layer ("full_attention" or "sliding_attention"), as transformers infers it."""
+    window: int | None
+    """The sliding window of the sliding layers; None when every layer is full attention."""
     user_attn: str
     varlen_config: object
     original_attn_configs: dict[int, object] = field(default_factory=dict)
@@ -68,12 +75,25 @@ def _layer_call(layer: nn.Module, hidden: Tensor, cache, **kw) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _full_mask(lm, inputs_embeds: Tensor, attention_mask: Tensor | None, cache, position_ids: Tensor):
+def _full_masks(lm, inputs_embeds: Tensor, attention_mask: Tensor | None, cache, position_ids: Tensor) -> dict:
+    """The stock masks of the layers that see every token, per attention type (as the stock decoder makes them)."""
     kw = {"config": lm.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
           _CACHE_KW: cache, "position_ids": position_ids}
     if _MASK_TAKES_LAYER_IDX:
         kw["layer_idx"] = len(lm.layers) - 1  # a fusion layer: its cache holds every token
-    return create_causal_mask(**kw)
+    masks = {"full_attention": create_causal_mask(**kw)}
+    if lm._dpvr_state.window is not None:
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+    return masks
+
+
+def _window_error(span: int, window: int) -> ValueError:
+    return ValueError(
+        f"the sliding window ({window} positions) binds in this batch (positions span {span}), and DPVR-LF's "
+        "text-only KV cache cannot apply a window over original positions. Run this batch without a cache "
+        "(use_cache=False; the prefill is exact with the window), keep prompt + new tokens within the window, "
+        "or call dpvr_kernels.unpatch(model)"
+    )
 
 
 def _route_forward(lm, hidden: Tensor, image_mask: Tensor, attention_mask, position_ids: Tensor, sequence_ids,
@@ -83,13 +103,16 @@ def _route_forward(lm, hidden: Tensor, image_mask: Tensor, attention_mask, posit
     r, f = state.settings.route_layer, state.settings.fusion_layers
     backend = state.settings.backend
     plan = build_route_plan_from_mask(image_mask, attention_mask, position_ids, sequence_ids)
+    if cache is not None and state.window is not None and plan.position_span >= state.window:
+        raise _window_error(plan.position_span, state.window)
     text, image = route_split(hidden, plan, backend=backend)
     deep = range(r, len(lm.layers) - f)
     text_cache = TextCacheWriter(cache, plan) if cache is not None else None
 
     if plan.num_text:
         text_pos = plan.text_position_ids[None]
-        segments = VarlenSegments(plan.text_cu_seqlens, plan.text_seqlens, plan.max_text_len)
+        segments = VarlenSegments(plan.text_cu_seqlens, plan.text_seqlens, plan.max_text_len, plan.text_position_ids,
+                                  plan.position_span)
         text = text[None]
         pe = lm.rotary_emb(text, text_pos)
         for i in deep:
@@ -106,7 +129,8 @@ def _route_forward(lm, hidden: Tensor, image_mask: Tensor, attention_mask, posit
 
     if plan.num_image:
         image_pos = plan.image_position_ids[None]
-        segments = VarlenSegments(plan.image_cu_seqlens, plan.image_seqlens, plan.max_image_len)
+        segments = VarlenSegments(plan.image_cu_seqlens, plan.image_seqlens, plan.max_image_len,
+                                  plan.image_position_ids, plan.position_span)
         image = image[None]
         pe = lm.rotary_emb(image, image_pos)
         image = _layer_call(getattr(lm, SIDE_BRANCH), image, None, attention_mask=None, position_embeddings=pe,
@@ -182,12 +206,14 @@ def dpvr_language_forward(
     if position_ids is None:
         position_ids = (torch.arange(q_len, device=inputs_embeds.device) + past).unsqueeze(0)
 
-    full_mask = _full_mask(self, inputs_embeds, attention_mask, cache, position_ids)
+    if not prefill and state.window is not None and isinstance(past, int) and past + q_len > state.window:
+        raise _window_error(past + q_len - 1, state.window)
+    masks = _full_masks(self, inputs_embeds, attention_mask, cache, position_ids)
     pe = self.rotary_emb(inputs_embeds, position_ids)
     common = dict(position_embeddings=pe, position_ids=position_ids, use_cache=use_cache, **kwargs)
     hidden = inputs_embeds
-    for layer in self.layers[:r]:
-        hidden = _layer_call(layer, hidden, cache, attention_mask=full_mask, **common)
+    for i in range(r):
+        hidden = _layer_call(self.layers[i], hidden, cache, attention_mask=masks[state.layer_types[i]], **common)
 
     if prefill:
         if image_mask is None:
@@ -200,42 +226,45 @@ def dpvr_language_forward(
         for layer in self.layers[r : num_layers - f]:
             hidden = _layer_call(layer, hidden, cache, attention_mask=deep_mask, **common)
 
-    for layer in self.layers[num_layers - f :]:
-        hidden = _layer_call(layer, hidden, cache, attention_mask=full_mask, **common)
+    for i in range(num_layers - f, num_layers):
+        hidden = _layer_call(self.layers[i], hidden, cache, attention_mask=masks[state.layer_types[i]], **common)
     hidden = self.norm(hidden)
     return BaseModelOutputWithPast(last_hidden_state=hidden, **{_CACHE_KW: cache})
 
 
 def _llava_model_forward(self, input_ids: Tensor | None = None, *args, **kwargs):
-    """LlavaModel.forward wrapper: finds the vision tokens of a call that carries images, checks their count."""
+    """The multimodal wrapper's forward (``model.model``): finds the vision tokens of a call that carries vision
+    features (images, videos) and hands them to the language model; names the fix when their count is wrong."""
     state: _PatchState = self.language_model._dpvr_state
-    pixel_values = kwargs.get("pixel_values", args[0] if args else None)
-    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-    if pixel_values is None and encoded is None:
-        # No vision features: stock embeds image-token ids as text, and so does DPVR-LF (decode steps).
+    carried = classes.carried_inputs(state.model_class, args, kwargs)
+    if not carried:
+        # No vision features: stock embeds placeholder ids as text, and so does DPVR-LF (decode steps).
         return type(self).forward(self, input_ids, *args, **kwargs)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None and (cache.dpvr_filled if is_dpvr_cache(cache) else int(cache.get_seq_length()) > 0):
         raise ValueError(
-            "images in a decode step: pixel_values were passed with a cache that already holds tokens. DPVR-LF "
-            "routes images only in the prefill (the deep layers cache text only): put every image in the prompt, "
-            "drop pixel_values when continuing from a cache, or run this input as a new prefill without a cache."
+            f"{carried[0].kind}s in a decode step: {carried[0].pixels} were passed with a cache that already holds "
+            "tokens. DPVR-LF routes vision tokens only in the prefill (the deep layers cache text only): put every "
+            f"{carried[0].kind} in the prompt, drop {carried[0].pixels} when continuing from a cache, or run this "
+            "input as a new prefill without a cache."
         )
-    if input_ids is not None:
-        image_mask = input_ids == state.image_token_id
-    else:
-        token = torch.full((), state.image_token_id, dtype=torch.long, device=kwargs["inputs_embeds"].device)
-        image_mask = (kwargs["inputs_embeds"] == self.get_input_embeddings()(token)).all(-1)
+    mask = classes.vision_mask(self, carried, input_ids, kwargs.get("inputs_embeds"))
     try:
-        return type(self).forward(self, input_ids, *args, **kwargs, **{VISION_MASK_KW: image_mask})
+        return type(self).forward(self, input_ids, *args, **kwargs, **{VISION_MASK_KW: mask})
     except ValueError as err:
         # The stock count check runs on device (no extra host sync here); name the fix when it fires.
-        if "image tokens do not match" not in str(err):
+        kind = next((v for v in carried if f"{v.kind} features and {v.kind} tokens do not match" in str(err).lower()),
+                    None)
+        if kind is None:
             raise
-        per_image = tokens_per_image(self.config)
+        token = getattr(self.config, kind.token_id)
+        if kind.kind == "image" and type(self).__name__ in ("LlavaModel", "VipLlavaModel"):
+            need = f"exactly {tokens_per_image(self.config)} image tokens per image in pixel_values"
+        else:
+            need = f"as many {kind.kind} tokens per {kind.kind} as its features (they depend on its size/frames)"
         raise ValueError(
-            f"{err}. The prompt must hold exactly {per_image} image tokens (config.image_token_id="
-            f"{self.config.image_token_id}) per image in pixel_values; the LLaVA processor inserts them"
+            f"{err}. The prompt must hold {need} (config.{kind.token_id}={token}); the model's processor "
+            "inserts them: build inputs with processor(text=..., images=..., videos=...)"
         ) from err
 
 
@@ -293,8 +322,9 @@ def _static_cache_for(model: nn.Module, gen_cfg, args: tuple, kwargs: dict) -> D
         max_new = kwargs.get("max_length", gen_cfg.max_length) - length
     text = kwargs.get("attention_mask")
     text = torch.ones(batch, length, dtype=torch.bool, device=prompt.device) if text is None else text.bool()
-    if input_ids is not None and (kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs")):
-        text = text & (input_ids != state.image_token_id)
+    carried = classes.carried_inputs(state.model_class, (), kwargs)
+    if input_ids is not None and carried:
+        text = text & ~classes.vision_mask(model.model, carried, input_ids, None)
     longest_text = int(text.sum(1).max())
     fed = max_new - 1  # as stock sizes it: the last new token is never fed back
     return DPVRStaticCache(config=model.config, max_cache_len=length + fed, text_cache_len=longest_text + fed,
@@ -305,14 +335,27 @@ def _static_cache_for(model: nn.Module, gen_cfg, args: tuple, kwargs: dict) -> D
 
 
 def _language_model(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "model", None)
-    lm = getattr(inner, "language_model", None)
-    if lm is None or not hasattr(lm, "layers") or not hasattr(model.config, "image_token_id"):
+    classes.model_class(model)
+    lm = getattr(getattr(model, "model", None), "language_model", None)
+    if lm is None or not hasattr(lm, "layers"):
         raise TypeError(
-            f"dpvr_kernels.patch expects a Hugging Face LlavaForConditionalGeneration (model.model.language_model "
-            f"with decoder layers and config.image_token_id); got {type(model).__name__}"
+            f"{type(model).__name__} has no decoder at model.model.language_model.layers (a modified class?); "
+            "DPVR-LF patches the stock layout of the Hugging Face LLaVA classes"
         )
     return lm
+
+
+def _layer_types(lm: nn.Module) -> tuple[tuple[str, ...], int | None]:
+    """Each decoder layer's attention type and the sliding window, as transformers' caches infer them."""
+    types_, kwargs = get_layer_types_and_kwargs(lm.config)
+    windows = {kw["sliding_window"] for t, kw in zip(types_, kwargs, strict=True) if t == "sliding_attention"}
+    unknown = set(types_) - {"full_attention", "sliding_attention"}
+    if unknown or len(windows) > 1:
+        raise NotImplementedError(
+            f"layer types {sorted(set(types_))} with windows {sorted(windows)} are not supported under DPVR-LF "
+            "(full attention and one sliding window are); leave this model stock"
+        )
+    return tuple(types_), next(iter(windows), None)
 
 
 def _check_backbone(lm: nn.Module) -> None:
@@ -320,16 +363,6 @@ def _check_backbone(lm: nn.Module) -> None:
         raise ValueError(
             f"{type(lm).__name__} has no rotary position embeddings (rotary_emb): DPVR-LF keeps each token's "
             "original position through RoPE; use a Llama-family backbone (Llama/Vicuna, Mistral, Qwen2)"
-        )
-    cfg = lm.config
-    layer_types = getattr(cfg, "layer_types", None) or []
-    sliding = "sliding_attention" in layer_types or (
-        getattr(cfg, "sliding_window", None) is not None and cfg.model_type == "mistral"
-    )
-    if sliding:
-        raise NotImplementedError(
-            "sliding-window attention is not supported under DPVR-LF (windows over a packed text stream are not "
-            "defined); set text_config.sliding_window=None (and use_sliding_window=False) or leave this model stock"
         )
 
 
@@ -392,8 +425,10 @@ def patch(model: nn.Module, route_layer: int | None = None, fusion_layers: int =
     # The text stream and side branch get their own config view that selects the varlen attention.
     varlen_config = copy.copy(lm.config)
     varlen_config._attn_implementation_internal = ATTN_NAME
-    state = _PatchState(settings=settings, image_token_id=int(model.config.image_token_id),
-                        user_attn=lm.config._attn_implementation or "eager", varlen_config=varlen_config)
+    layer_types, window = _layer_types(lm)
+    state = _PatchState(settings=settings, model_class=classes.model_class(model), layer_types=layer_types,
+                        window=window, user_attn=lm.config._attn_implementation or "eager",
+                        varlen_config=varlen_config)
     r, f, n = settings.route_layer, settings.fusion_layers, len(lm.layers)
 
     side = copy.deepcopy(lm.layers[r])

@@ -1,0 +1,92 @@
+"""The supported Hugging Face model classes, one row each: which tokens are vision tokens and where they come from.
+
+Every class here has the same layout (``model.model.language_model`` is a Llama-style decoder with rotary
+embeddings, ``model.model.forward`` embeds the vision features in place of the placeholder tokens), so the patch
+is the same for all; a row says which placeholder ids a call routes to the side branch, and when. A placeholder
+is a vision token only in a call that carries its features (the pixel keyword, or the encoder outputs that
+``generate`` computes up front), as stock embeds it; elsewhere (every decode step) it is an ordinary token.
+Adding a model class is adding a row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class VisionInput:
+    """One kind of vision input of a model class."""
+
+    kind: str
+    """Name in messages and the key of ``mm_encoder_outputs`` that ``generate`` fills (``"image"``, ``"video"``)."""
+    token_id: str
+    """Config attribute with the placeholder token id."""
+    pixels: str
+    """Forward keyword that carries the raw inputs."""
+
+
+IMAGE = VisionInput("image", "image_token_id", "pixel_values")
+VIDEO = VisionInput("video", "video_token_id", "pixel_values_videos")
+
+
+@dataclass(frozen=True)
+class ModelClass:
+    name: str
+    backbone: str
+    """Backbone of the public checkpoints (documentation; any Llama-style decoder with RoPE is accepted)."""
+    inputs: tuple[VisionInput, ...]
+
+
+SUPPORTED: dict[str, ModelClass] = {
+    row.name: row
+    for row in (
+        ModelClass("LlavaForConditionalGeneration", "Llama / Vicuna, Mistral (BakLLaVA)", (IMAGE,)),
+        ModelClass("LlavaNextForConditionalGeneration", "Vicuna, Mistral, Llama-3", (IMAGE,)),
+        ModelClass("LlavaNextVideoForConditionalGeneration", "Vicuna", (IMAGE, VIDEO)),
+        ModelClass("LlavaOnevisionForConditionalGeneration", "Qwen2", (IMAGE, VIDEO)),
+        ModelClass("VipLlavaForConditionalGeneration", "Vicuna", (IMAGE,)),
+    )
+}
+
+
+def model_class(model) -> ModelClass:
+    """The row of ``model``'s class (or of the supported class it derives from); a clear error otherwise."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in SUPPORTED:
+            return SUPPORTED[cls.__name__]
+    raise TypeError(
+        f"dpvr_kernels.patch does not support {type(model).__name__}; supported model classes: "
+        f"{', '.join(SUPPORTED)}. Load the checkpoint with one of them (e.g. AutoModelForImageTextToText)."
+    )
+
+
+def _carries(kwargs: dict, args: tuple, vision: VisionInput, position: int | None) -> bool:
+    """Whether a call carries features of this input (host-side: shapes only, no device sync)."""
+    pixels = kwargs.get(vision.pixels, args[position] if position is not None and position < len(args) else None)
+    if pixels is not None and pixels.numel() > 0:
+        return True
+    return (kwargs.get("mm_encoder_outputs") or {}).get(vision.kind) is not None
+
+
+def carried_inputs(row: ModelClass, args: tuple, kwargs: dict) -> list[VisionInput]:
+    """The vision inputs whose features this ``model.model.forward(input_ids, *args, **kwargs)`` call carries
+    (``pixel_values`` is the first positional argument after ``input_ids`` in every supported class)."""
+    return [v for v in row.inputs if _carries(kwargs, args, v, 0 if v is IMAGE else None)]
+
+
+def vision_mask(model, carried: list[VisionInput], input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+    """bool ``[B, L]``: the placeholders of the carried inputs, found as stock finds them (ids, or embeddings)."""
+    import torch
+
+    mask = None
+    for vision in carried:
+        token = getattr(model.config, vision.token_id)
+        if input_ids is not None:
+            hit = input_ids == token
+        else:
+            emb = model.get_input_embeddings()(torch.full((), token, dtype=torch.long, device=inputs_embeds.device))
+            hit = (inputs_embeds == emb).all(-1)
+        mask = hit if mask is None else mask | hit
+    return mask

@@ -1,0 +1,137 @@
+"""Every supported LLaVA class under DPVR-LF: logits and greedy generation against the per-sample reference,
+save/load, padding sides, images and videos in one batch, and the errors for wrong inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from families import FAMILIES, IMAGE, VIDEO, WITH_VIDEO, family_batch, tiny_family
+
+import dpvr_kernels
+from dpvr_kernels.reference import reference_forward
+
+NEW = 5
+# Two images in one sample, one image, text around them; video families add a video-only sample and a sample
+# with an image and a video.
+LAYOUTS = [["T", "T", "I", "T", "I", "T"], ["T", "I", "T", "T", "T"], ["T", "T", "T", "T"]]
+VIDEO_LAYOUTS = [["T", "V", "T", "T"], ["T", "I", "T", "V", "T"], ["T", "T", "I", "T"]]
+
+
+def _layouts(name: str) -> list[list[str]]:
+    return VIDEO_LAYOUTS if name in WITH_VIDEO else LAYOUTS
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
+    keep = mask.bool()
+    return ((out[keep] - ref[keep]).abs().max() / ref[keep].abs().max()).item()
+
+
+def _vision_kwargs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+
+
+def _reference(model, batch: dict, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return reference_forward(model, batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 **_vision_kwargs(batch), **kw)
+
+
+@pytest.mark.parametrize("left_pad", [True, False])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_equal_reference(name, left_pad):
+    model = dpvr_kernels.patch(tiny_family(name), route_layer=2)
+    batch = family_batch(model, _layouts(name), seed=1, left_pad=left_pad)
+    with torch.no_grad():
+        logits = model(**batch, use_cache=False).logits
+    ref = _reference(model, batch)
+    assert _rel_err(logits, ref, batch["attention_mask"]) < 1e-5
+    # DPVR-LF is not stock: the reference differs from the unpatched model (the check has teeth)
+    with torch.no_grad():
+        stock = dpvr_kernels.unpatch(model)(**batch, use_cache=False).logits
+    assert _rel_err(stock, ref, batch["attention_mask"]) > 1e-3
+
+
+def _reference_loop(model, batch: dict, steps: int) -> torch.Tensor:
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    vision = (ids == IMAGE) | (ids == VIDEO)  # the prompt's placeholders; generated tokens are text
+    vision_kw = _vision_kwargs(batch)
+    for _ in range(steps):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = reference_forward(model, ids, attention_mask=mask, position_ids=pos, vision_mask=vision,
+                                       **vision_kw)[:, -1]
+        logits[:, [IMAGE, VIDEO]] = -float("inf")
+        nxt = logits.argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+        vision = torch.cat([vision, torch.zeros_like(nxt, dtype=torch.bool)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_generate_equals_reference_loop(name):
+    model = dpvr_kernels.patch(tiny_family(name, seed=3), route_layer=1)
+    batch = family_batch(model, _layouts(name), seed=4)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(out, _reference_loop(model, batch, NEW))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_save_load_round_trip(name, tmp_path):
+    model = dpvr_kernels.patch(tiny_family(name, seed=5), route_layer=3)
+    with torch.no_grad():
+        for p in model.model.language_model.dpvr_side_branch.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # a trained side branch differs from layer r
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    dpvr_kernels.patch(loaded)
+    assert loaded.config.dpvr == model.config.dpvr
+    batch = family_batch(model, _layouts(name), seed=6)
+    with torch.no_grad():
+        assert torch.equal(model(**batch, use_cache=False).logits, loaded(**batch, use_cache=False).logits)
+
+
+@pytest.mark.parametrize("name", WITH_VIDEO)
+def test_video_tokens_go_to_the_side_branch(name):
+    # A video's tokens leave at the route layer like an image's: changing the side branch changes the
+    # video-only sample's outputs, and dropping the video (its tokens then are text) changes the routing.
+    model = dpvr_kernels.patch(tiny_family(name, seed=7), route_layer=2)
+    batch = family_batch(model, [["T", "V", "T", "T"], ["T", "T", "T"]], seed=8)
+    with torch.no_grad():
+        before = model(**batch, use_cache=False).logits
+        for p in model.model.language_model.dpvr_side_branch.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        after = model(**batch, use_cache=False).logits
+    changed = (before - after).abs().amax(-1)
+    assert changed[0].max() > 1e-4  # the video sample
+    assert changed[1].max() == 0  # a text-only sample never meets the side branch
+    assert _rel_err(after, _reference(model, batch), batch["attention_mask"]) < 1e-5
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_wrong_placeholder_count_names_the_fix(name):
+    model = dpvr_kernels.patch(tiny_family(name), route_layer=2)
+    batch = family_batch(model, [["T", "I", "T"]], seed=9)
+    ids = batch["input_ids"].clone()
+    ids[0, (ids[0] == IMAGE).nonzero()[0]] = 5  # one image token too few
+    batch["input_ids"] = ids
+    with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match="processor inserts them"):
+        model(**batch)
+
+
+def test_video_count_mismatch_names_the_fix():
+    model = dpvr_kernels.patch(tiny_family("llava_next_video"), route_layer=2)
+    batch = family_batch(model, [["T", "V", "T"]], seed=10)
+    batch["input_ids"] = torch.cat([batch["input_ids"], torch.full((1, 1), VIDEO)], 1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1)
+    with torch.no_grad(), pytest.raises(ValueError, match="video tokens per video"):
+        model(**batch)
+
+
+def test_unsupported_class_lists_the_supported_ones():
+    from transformers import LlamaForCausalLM
+
+    from families import text_config
+
+    with pytest.raises(TypeError, match="LlavaOnevisionForConditionalGeneration"):
+        dpvr_kernels.patch(LlamaForCausalLM(text_config(layers=2)))
