@@ -32,12 +32,17 @@ FLOP counting rules
   segment of ``n`` tokens allows ``n * (n + 1) / 2`` pairs; bidirectional allows ``n * n`` pairs. Dense
   kernels that compute masked-out pairs (eager attention, SDPA's math path) do more work than this;
   the count here is the ideal one.
-* CLIP vision tower: the patch-embedding conv as a matmul ``[num_patches, C*p*p] x [C*p*p, hidden]``,
-  then **all** encoder layers on ``num_patches + 1`` tokens (patches + CLS), bidirectional. HF runs every
-  layer even though LLaVA only uses ``hidden_states[vision_feature_layer]`` (``-2``). The projector's two
-  linears run on the selected tokens (CLS dropped for the ``"default"`` strategy).
+* Vision tower: the patch-embedding conv as a matmul ``[num_patches, C*p*p] x [C*p*p, hidden]``, then
+  **all** encoder layers on ``num_patches + 1`` tokens (CLIP: patches + CLS) or ``num_patches`` (SigLIP),
+  bidirectional; SigLIP's pooling head where the config enables it. HF runs every layer even though LLaVA
+  only uses ``hidden_states[vision_feature_layer]``. The tower runs once per *pass*: an image for LLaVA-1.5,
+  each anyres tile plus the base tile for LLaVA-NeXT / -OneVision, each video frame; the projector's two
+  linears run on the selected tokens of each pass (NeXT-Video: on the pooled frame tokens). How many
+  decoder tokens, passes and projector tokens an image or video gives is
+  :mod:`dpvr_kernels.vision_tokens` (anyres unpadding, newline tokens, video pooling).
 * Vision tower and projector cost the same with and without DPVR-LF.
-* A sliding-window attention (Mistral) is assumed wider than the sequence.
+* A sliding-window attention (Mistral, BakLLaVA's window 4096) is assumed wider than the sequence: the
+  counts are exact while the prompt is shorter than the window.
 
 KV cache: ``2 (K and V) * batch * tokens_cached * num_key_value_heads * head_dim * dtype_bytes`` per cached
 layer. Stock caches all tokens in all ``N`` layers; DPVR-LF caches all tokens in layers ``[0, r)`` and the
