@@ -6,7 +6,7 @@ model scaled down (hidden 1024, 16 layers, 144 image + 32 text tokens) in fp32.
 
 import torch
 
-from dpvr_kernels.flops import named_config, scaled_config
+from dpvr_kernels.presets import named_config, scaled_config
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -23,7 +23,8 @@ from shapes import CONFIG, CUDA, DECODE_BATCHES, DECODE_STEPS, DEVICE, DTYPE, DT
 from timing import QUICK, measure, median_s
 
 import dpvr_kernels
-from dpvr_kernels.flops import cost_model, default_route_layer
+from dpvr_kernels.config import default_route_layer
+from dpvr_kernels.flops import cost_model
 from dpvr_kernels.workloads import decode, prefill, set_dpvr, static_cache, synthetic_batch
 
 SETTINGS = ["dynamic-eager", "static-eager", "static-compiled"]

@@ -13,9 +13,11 @@ import torch
 from shapes import CONFIG, CUDA, DEVICE, DTYPE_NAME, PREFILL_BATCHES, TEXT_TOKENS
 from timing import QUICK, measure
 
-from dpvr_kernels.flops import cost_model, default_route_layer
+from dpvr_kernels.config import default_route_layer
+from dpvr_kernels.flops import cost_model
 from dpvr_kernels.reference import reference_forward
-from dpvr_kernels.workloads import set_dpvr, synthetic_batch, tokens_per_image
+from dpvr_kernels.vision_tokens import tokens_per_image
+from dpvr_kernels.workloads import set_dpvr, synthetic_batch
 
 
 def _ideal(batch_size: int) -> float:

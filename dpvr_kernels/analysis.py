@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .flops import default_route_layer
+from .config import default_route_layer
 from .models.llava import is_patched
 from .workloads import generate_position_ids
 

@@ -32,12 +32,17 @@ FLOP counting rules
   segment of ``n`` tokens allows ``n * (n + 1) / 2`` pairs; bidirectional allows ``n * n`` pairs. Dense
   kernels that compute masked-out pairs (eager attention, SDPA's math path) do more work than this;
   the count here is the ideal one.
-* CLIP vision tower: the patch-embedding conv as a matmul ``[num_patches, C*p*p] x [C*p*p, hidden]``,
-  then **all** encoder layers on ``num_patches + 1`` tokens (patches + CLS), bidirectional. HF runs every
-  layer even though LLaVA only uses ``hidden_states[vision_feature_layer]`` (``-2``). The projector's two
-  linears run on the selected tokens (CLS dropped for the ``"default"`` strategy).
+* Vision tower: the patch-embedding conv as a matmul ``[num_patches, C*p*p] x [C*p*p, hidden]``, then
+  **all** encoder layers on ``num_patches + 1`` tokens (CLIP: patches + CLS) or ``num_patches`` (SigLIP),
+  bidirectional; SigLIP's pooling head where the config enables it. HF runs every layer even though LLaVA
+  only uses ``hidden_states[vision_feature_layer]``. The tower runs once per *pass*: an image for LLaVA-1.5,
+  each anyres tile plus the base tile for LLaVA-NeXT / -OneVision, each video frame; the projector's two
+  linears run on the selected tokens of each pass (NeXT-Video: on the pooled frame tokens). How many
+  decoder tokens, passes and projector tokens an image or video gives is
+  :mod:`dpvr_kernels.vision_tokens` (anyres unpadding, newline tokens, video pooling).
 * Vision tower and projector cost the same with and without DPVR-LF.
-* A sliding-window attention (Mistral) is assumed wider than the sequence.
+* A sliding-window attention (Mistral, BakLLaVA's window 4096) is assumed wider than the sequence: the
+  counts are exact while the prompt is shorter than the window.
 
 KV cache: ``2 (K and V) * batch * tokens_cached * num_key_value_heads * head_dim * dtype_bytes`` per cached
 layer. Stock caches all tokens in all ``N`` layers; DPVR-LF caches all tokens in layers ``[0, r)`` and the
@@ -51,30 +56,18 @@ plus the new one), which is where DPVR-LF saves work.
 from __future__ import annotations
 
 import dataclasses
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = [
-    "NAMED_CONFIGS",
-    "TYPICAL_IMAGE_TOKENS",
-    "CostReport",
-    "cost_model",
-    "default_route_layer",
-    "named_config",
-    "route_layer_table",
-    "scaled_config",
-    "validate_route",
-]
+from .config import as_int, validate_route
+from .formatting import fmt_bytes, fmt_count, fmt_si
+from .presets import NAMED_CONFIGS, named_config
+from .vision_tokens import VisionWork, _pair, is_anyres, tokens_per_image
 
-#: Names accepted by :func:`named_config` (and by :func:`cost_model` in place of a config).
-NAMED_CONFIGS: tuple[str, ...] = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b")
-
-#: Image tokens per sample that each named model typically sees (LLaVA-NeXT: 5 crops x 576 at most).
-TYPICAL_IMAGE_TOKENS: dict[str, int] = {"llava-1.5-7b": 576, "llava-1.5-13b": 576, "llava-next-7b": 2880}
+__all__ = ["CostReport", "cost_model", "route_layer_table"]
 
 _SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_SUPPORTED_VISION_TYPES = ("clip_vision_model",)
+_SUPPORTED_VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 _BREAKDOWN_KEYS = (
     "vision_tower",
     "projector",
@@ -83,87 +76,6 @@ _BREAKDOWN_KEYS = (
     "side_branch",
     "lm_head",
 )
-
-
-# --------------------------------------------------------------------------------------------------------
-# Route validation
-# --------------------------------------------------------------------------------------------------------
-
-
-def _as_int(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got the bool {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
-
-
-def _check_fusion(num_layers: int, fusion_layers: int) -> tuple[int, int]:
-    num_layers = _as_int(num_layers, "num_layers")
-    fusion_layers = _as_int(fusion_layers, "fusion_layers")
-    if num_layers < 2:
-        raise ValueError(
-            f"DPVR-LF needs a decoder of at least 2 layers (one text-only layer and one fusion layer); "
-            f"got num_layers={num_layers}"
-        )
-    if not 1 <= fusion_layers <= num_layers - 1:
-        raise ValueError(
-            f"fusion_layers={fusion_layers} is out of range for a {num_layers}-layer decoder: valid values "
-            f"are 1 <= fusion_layers <= {num_layers - 1} (at least one fusion layer, and at least one "
-            f"layer before fusion); the default is 1"
-        )
-    return num_layers, fusion_layers
-
-
-def default_route_layer(num_layers: int, fusion_layers: int = 1) -> int:
-    """Default route layer: ``round(num_layers * 18 / 32)`` clamped into ``[0, num_layers - fusion_layers - 1]``.
-
-    This is the paper's saturation point (layer 18 of 32 for LLaVA-1.5-7B) scaled to the decoder depth.
-    ``round`` is Python's (ties to even), e.g. 40 layers give 22.
-
-    Args:
-        num_layers: number of decoder layers ``N``.
-        fusion_layers: number of final fusion layers ``f`` (default 1).
-
-    Returns:
-        The route layer ``r``.
-
-    Raises:
-        ValueError: if the decoder is too shallow or ``fusion_layers`` is out of range.
-    """
-    num_layers, fusion_layers = _check_fusion(num_layers, fusion_layers)
-    return max(0, min(round(num_layers * 18 / 32), num_layers - fusion_layers - 1))
-
-
-def validate_route(num_layers: int, route_layer: int | None, fusion_layers: int = 1) -> tuple[int, int]:
-    """Check (and default) a route layer / fusion layer pair for an ``num_layers``-layer decoder.
-
-    Args:
-        num_layers: number of decoder layers ``N``.
-        route_layer: route layer ``r``, or ``None`` for :func:`default_route_layer`.
-        fusion_layers: number of final fusion layers ``f``.
-
-    Returns:
-        ``(route_layer, fusion_layers)`` as ints, with ``0 <= route_layer <= num_layers - fusion_layers - 1``.
-
-    Raises:
-        ValueError: naming the valid range and how to fix the call.
-    """
-    num_layers, fusion_layers = _check_fusion(num_layers, fusion_layers)
-    if route_layer is None:
-        return default_route_layer(num_layers, fusion_layers), fusion_layers
-    route_layer = _as_int(route_layer, "route_layer")
-    last = num_layers - fusion_layers - 1
-    if not 0 <= route_layer <= last:
-        raise ValueError(
-            f"route_layer={route_layer} is out of range for a {num_layers}-layer decoder with "
-            f"fusion_layers={fusion_layers}: valid values are 0 <= route_layer <= {last} "
-            f"(num_layers - fusion_layers - 1, so that at least one text-only layer runs before fusion). "
-            f"Pick a layer in that range, lower fusion_layers, or pass route_layer=None for the default "
-            f"({default_route_layer(num_layers, fusion_layers)})."
-        )
-    return route_layer, fusion_layers
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -224,6 +136,7 @@ class _TextShape:
 
 @dataclass(frozen=True)
 class _VisionShape:
+    tower: str  # "clip" or "siglip"
     hidden: int
     intermediate: int
     layers: int
@@ -232,9 +145,11 @@ class _VisionShape:
     image_hw: tuple[int, int]
     patch_hw: tuple[int, int]
     feature_layers: int
-    strategy: str
     text_hidden: int
     projector_bias: bool
+    projector_norm: bool  # VipLLaVA: LayerNorm over the concatenated feature layers
+    newline: bool  # anyres models: one learned image_newline vector
+    use_head: bool  # SigLIP's attention-pooling head (off in LLaVA-OneVision)
 
     @property
     def num_patches(self) -> int:
@@ -242,13 +157,8 @@ class _VisionShape:
 
     @property
     def seq_len(self) -> int:
-        """Tokens per image inside the CLIP encoder: patches + CLS."""
-        return self.num_patches + 1
-
-    @property
-    def tokens_per_image(self) -> int:
-        """Image tokens per image given to the decoder (CLS dropped for the "default" strategy)."""
-        return self.num_patches if self.strategy == "default" else self.num_patches + 1
+        """Tokens per tower input inside the encoder: patches (+ CLS for CLIP)."""
+        return self.num_patches + (self.tower == "clip")
 
     @property
     def patch_dim(self) -> int:
@@ -260,33 +170,33 @@ class _VisionShape:
 
     def tower_params(self) -> int:
         d, i = self.hidden, self.intermediate
-        embeddings = d + self.patch_dim * d + self.seq_len * d  # class emb, conv (no bias), position emb
         layer = 4 * (d * d + d) + (d * i + i) + (i * d + d) + 2 * 2 * d  # q,k,v,out; fc1, fc2; 2 LayerNorms
-        return embeddings + 2 * d + self.layers * layer + 2 * d  # + pre_layrnorm, post_layernorm
+        if self.tower == "clip":  # class emb, conv (no bias), position emb, pre_layrnorm, post_layernorm
+            return d + self.patch_dim * d + self.seq_len * d + 2 * d + self.layers * layer + 2 * d
+        params = self.patch_dim * d + d + self.seq_len * d + self.layers * layer + 2 * d  # conv has a bias
+        if self.use_head:  # probe, in/out projections of the pooling attention, LayerNorm, MLP
+            params += d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * i + i) + (i * d + d)
+        return params
 
     def projector_params(self) -> int:
-        t = self.text_hidden
-        return (self.projector_in * t + t * self.projector_bias) + (t * t + t * self.projector_bias)
+        t, n = self.text_hidden, self.projector_in
+        params = (n * t + t * self.projector_bias) + (t * t + t * self.projector_bias)
+        return params + 2 * n * self.projector_norm + t * self.newline
 
-    def tower_flops_per_image(self) -> tuple[int, int]:
-        """``(linear + conv FLOPs, attention FLOPs)`` of the CLIP tower for one image."""
+    def tower_flops_per_pass(self) -> tuple[int, int]:
+        """``(linear + conv FLOPs, attention FLOPs)`` of the tower for one input (image, tile or frame)."""
         d, i, n = self.hidden, self.intermediate, self.seq_len
         conv = 2 * self.num_patches * self.patch_dim * d
         linear = self.layers * 2 * n * (4 * d * d + 2 * d * i)
         attention = self.layers * n * n * 2 * 2 * d  # bidirectional, heads * head_dim == hidden
+        if self.use_head:  # one probe query over the n tokens
+            linear += 2 * (d * d + n * 2 * d * d + d * d + 2 * d * i)
+            attention += n * 2 * 2 * d
         return conv + linear, attention
 
-    def projector_flops_per_image(self) -> int:
+    def projector_flops_per_token(self) -> int:
         t = self.text_hidden
-        return 2 * self.tokens_per_image * (self.projector_in * t + t * t)
-
-
-def _pair(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise ValueError(f"vision_config.{name} must be an int or a pair, got {value!r}")
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
+        return 2 * (self.projector_in * t + t * t)
 
 
 def _text_shape(cfg: Any) -> _TextShape:
@@ -335,27 +245,27 @@ def _vision_shape(config: Any, text: _TextShape) -> _VisionShape:
     if vtype not in _SUPPORTED_VISION_TYPES:
         raise ValueError(
             f"vision tower model_type {vtype!r} is not modelled by dpvr_kernels.flops; supported: "
-            f"{', '.join(_SUPPORTED_VISION_TYPES)} (the CLIP tower of LLaVA-1.5 / LLaVA-NeXT)"
+            f"{', '.join(_SUPPORTED_VISION_TYPES)} (the CLIP tower of LLaVA-1.5 / -NeXT / VipLLaVA, the SigLIP "
+            f"tower of LLaVA-OneVision)"
         )
-    feature_layer = getattr(config, "vision_feature_layer", -2)
+    tokens_per_image(config)  # checks the feature-select strategy
+    feature_layer = getattr(config, "vision_feature_layers", getattr(config, "vision_feature_layer", -2))
     feature_layers = 1 if isinstance(feature_layer, int) else len(feature_layer)
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if strategy not in ("default", "full"):
-        raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
-    image_hw = _pair(vcfg.image_size, "image_size")
-    patch_hw = _pair(vcfg.patch_size, "patch_size")
     return _VisionShape(
+        tower="siglip" if vtype == "siglip_vision_model" else "clip",
         hidden=int(vcfg.hidden_size),
         intermediate=int(vcfg.intermediate_size),
         layers=int(vcfg.num_hidden_layers),
         heads=int(vcfg.num_attention_heads),
         channels=int(getattr(vcfg, "num_channels", 3)),
-        image_hw=image_hw,
-        patch_hw=patch_hw,
+        image_hw=_pair(vcfg.image_size, "image_size"),
+        patch_hw=_pair(vcfg.patch_size, "patch_size"),
         feature_layers=feature_layers,
-        strategy=strategy,
         text_hidden=text.hidden,
         projector_bias=bool(getattr(config, "multimodal_projector_bias", True)),
+        projector_norm=getattr(config, "model_type", "") == "vipllava",
+        newline=is_anyres(config),
+        use_head=vtype == "siglip_vision_model" and bool(getattr(vcfg, "vision_use_head", True)),
     )
 
 
@@ -381,38 +291,9 @@ def _resolve_config(config: Any) -> tuple[str, _TextShape, _VisionShape | None, 
     )
 
 
-def tokens_per_image(config: Any) -> int:
-    """Image tokens the decoder sees per image of a LLaVA config (0 for a text-only config)."""
-    vision = _resolve_config(config)[2]
-    return vision.tokens_per_image if vision is not None else 0
-
-
 # --------------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------------
-
-
-def fmt_si(value: float, unit: str, digits: int = 3) -> str:
-    """``1.234e12, "FLOP"`` -> ``"1.234 TFLOP"``."""
-    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.{digits}f} {prefix}{unit}"
-    return f"{value:.0f} {unit}"
-
-
-def _count(value: float) -> str:
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3f} {suffix}"
-    return f"{value:.0f}"
-
-
-def fmt_bytes(value: float) -> str:
-    """Bytes in binary units: ``"203.00 MiB"``."""
-    for scale, prefix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f} {prefix}"
-    return f"{value:.0f} B"
 
 
 def _ratio(num: int, den: int) -> float:
@@ -423,8 +304,9 @@ def _ratio(num: int, den: int) -> float:
 class CostReport:
     """Exact cost of one LLaVA prefill (and the following decode step), stock vs DPVR-LF.
 
-    All FLOP and byte counts are totals over the batch. See the module docstring for the counting rules.
-    ``flops_breakdown_stock`` / ``flops_breakdown_dpvr`` have the keys ``vision_tower``, ``projector``,
+    All FLOP and byte counts are totals over the batch; ``image_tokens`` counts every vision token (images
+    and videos) per sample, ``images`` / ``videos`` / ``tower_passes`` are totals over the batch. See the module docstring for the
+    counting rules. ``flops_breakdown_stock`` / ``flops_breakdown_dpvr`` have the keys ``vision_tower``, ``projector``,
     ``decoder_linear`` (the backbone's own layers' projections), ``decoder_attention``, ``side_branch``
     (linear + attention of the side branch; 0 for stock) and ``lm_head``.
     """
@@ -458,6 +340,9 @@ class CostReport:
     kv_bytes_stock: int = 0
     kv_bytes_dpvr: int = 0
     kv_savings: float = 0.0
+    # vision work (whole batch): videos and vision-tower passes (tiles, frames) besides ``images``
+    videos: int = 0
+    tower_passes: int = 0
     # decode: per-token constants (per sample) and the first decode step after the prompt (whole batch)
     decode_linear_flops_per_token: int = 0
     attention_flops_per_pair: int = 0
@@ -488,7 +373,7 @@ class CostReport:
         Returns:
             ``(stock_flops, dpvr_flops)``: linear + lm_head FLOPs are equal, attention FLOPs differ.
         """
-        context = self.prompt_len if context_len is None else _as_int(context_len, "context_len")
+        context = self.prompt_len if context_len is None else as_int(context_len, "context_len")
         if context < self.prompt_len:
             raise ValueError(
                 f"context_len={context} is shorter than the prompt ({self.prompt_len} tokens per sample); "
@@ -510,7 +395,7 @@ class CostReport:
         Args:
             context_len: tokens per sample in the **stock** cache, as in :meth:`decode_flops_per_token`.
         """
-        context = self.prompt_len if context_len is None else _as_int(context_len, "context_len")
+        context = self.prompt_len if context_len is None else as_int(context_len, "context_len")
         if context < self.prompt_len:
             raise ValueError(
                 f"context_len={context} is shorter than the prompt ({self.prompt_len} tokens per sample); "
@@ -521,6 +406,17 @@ class CostReport:
         stock_kv = self.batch * per_token_layer * n * context
         dpvr_kv = self.batch * per_token_layer * ((r + f) * context + (n - f - r) * (context - self.image_tokens))
         return self.decode_weight_bytes + stock_kv, self.decode_weight_bytes + dpvr_kv
+
+    def vision_summary(self) -> str:
+        """The vision inputs per sample in words: ``"1 image(s) of 576 tokens"``, or for tiled images and
+        videos ``"1 image(s), 0 video(s): 2928 tokens from 5 vision-tower passes (576 tokens per tile)"``."""
+        images, videos, passes = (v // self.batch for v in (self.images, self.videos, self.tower_passes))
+        if not self.tokens_per_image:
+            return "no vision tower"
+        if videos == 0 and passes == images and self.image_tokens == images * self.tokens_per_image:
+            return f"{images} image(s) of {self.tokens_per_image} tokens"
+        return (f"{images} image(s), {videos} video(s): {self.image_tokens} tokens from {passes} vision-tower "
+                f"passes ({self.tokens_per_image} tokens per tile)")
 
     def as_dict(self) -> dict[str, Any]:
         """All fields as a JSON-friendly dict (breakdowns copied), plus ``prompt_len``."""
@@ -534,9 +430,7 @@ class CostReport:
         lines = [
             f"DPVR-LF cost model: {self.model}",
             f"  batch {self.batch} x ({self.image_tokens} image + {self.text_tokens} text tokens)"
-            + (
-                f", {self.images} image(s) of {self.tokens_per_image} tokens" if self.tokens_per_image else ""
-            ),
+            + (f", {self.vision_summary()}" if self.tokens_per_image else ""),
             f"  decoder {n} layers: [0,{r}) all tokens | side branch on image tokens | "
             f"[{r},{n - f}) text only | [{n - f},{n}) fusion, all tokens",
             "",
@@ -548,11 +442,11 @@ class CostReport:
             return f"  {label:<{w_name}}" + "".join(f"{c:>{w_num}}" for c in cols)
 
         lines.append(row("Parameters", "count", ""))
-        lines.append(row("stock total", f"{self.params_total:,}", _count(self.params_total)))
+        lines.append(row("stock total", f"{self.params_total:,}", fmt_count(self.params_total)))
         lines.append(
-            row("side branch (1 layer)", f"{self.params_side_branch:,}", _count(self.params_side_branch))
+            row("side branch (1 layer)", f"{self.params_side_branch:,}", fmt_count(self.params_side_branch))
         )
-        lines.append(row("DPVR-LF total", f"{self.params_dpvr_total:,}", _count(self.params_dpvr_total)))
+        lines.append(row("DPVR-LF total", f"{self.params_dpvr_total:,}", fmt_count(self.params_dpvr_total)))
         lines.append(row("trainable (of DPVR-LF total)", f"{100 * self.trainable_fraction:.3f} %", ""))
         lines.append(
             row("side branch / stock total", f"{100 * self.side_branch_fraction_of_stock:.3f} %", "")
@@ -625,9 +519,28 @@ def _causal_pairs(n: int) -> int:
     return n * (n + 1) // 2
 
 
+def _whole_images(config: Any, image_tokens: int, per_image: int) -> VisionWork:
+    """An int token count as whole images of one tower pass each (LLaVA-1.5-style configs)."""
+    if is_anyres(config):
+        raise ValueError(
+            f"{getattr(config, 'model_type', 'this')} cuts images into tiles, so {image_tokens} image tokens do not "
+            f"say how much vision-tower work made them: pass image_tokens as a VisionWork, e.g. "
+            f"dpvr_kernels.vision_tokens.image_work(config, height, width) for one image"
+        )
+    if image_tokens % per_image:
+        lower = image_tokens // per_image * per_image
+        raise ValueError(
+            f"image_tokens={image_tokens} is not a multiple of the {per_image} tokens per image of this config "
+            f"(vision_config image_size / patch_size, feature-select strategy); pass a multiple such as "
+            f"{max(lower, per_image)} or {lower + per_image}"
+        )
+    images = image_tokens // per_image
+    return VisionWork(image_tokens, images, image_tokens, images=images)
+
+
 def cost_model(
     config: Any,
-    image_tokens: int,
+    image_tokens: int | VisionWork,
     text_tokens: int,
     batch: int = 1,
     route_layer: int | None = None,
@@ -637,14 +550,18 @@ def cost_model(
     """Exact parameters, prefill FLOPs, KV-cache bytes and decode FLOPs of stock LLaVA vs DPVR-LF.
 
     Args:
-        config: a transformers ``LlavaConfig`` (CLIP vision tower; Llama, Mistral, Qwen2 or Qwen3 backbone),
-            a plain text config of those types (decoder only: vision and projector terms are 0), or one of
-            :data:`NAMED_CONFIGS`.
-        image_tokens: image tokens per sample; with a LlavaConfig a multiple of the tokens per image
-            (``(image_size / patch_size) ** 2``, plus 1 for the ``"full"`` strategy). 0 is allowed.
-        text_tokens: text tokens per sample (every non-image, non-pad token).
+        config: a transformers LLaVA-family config (``LlavaConfig``, ``LlavaNextConfig``,
+            ``LlavaNextVideoConfig``, ``LlavaOnevisionConfig``, ``VipLlavaConfig``: CLIP or SigLIP tower;
+            Llama, Mistral, Qwen2 or Qwen3 backbone), a plain text config of those types (decoder only:
+            vision and projector terms are 0), or one of :data:`~dpvr_kernels.presets.NAMED_CONFIGS`.
+        image_tokens: the vision (image + video) tokens per sample. Either a
+            :class:`~dpvr_kernels.vision_tokens.VisionWork` (from :func:`~dpvr_kernels.vision_tokens.image_work`
+            / :func:`~dpvr_kernels.vision_tokens.video_work`, summed over the sample's images and videos),
+            which also says how many tower passes and projector tokens make them; or an int, a multiple of
+            the tokens per image (one tower pass each; not for anyres configs). 0 is allowed.
+        text_tokens: text tokens per sample (every non-vision, non-pad token).
         batch: number of samples, all with the same token counts.
-        route_layer: DPVR-LF route layer ``r``; ``None`` for :func:`default_route_layer`.
+        route_layer: DPVR-LF route layer ``r``; ``None`` for :func:`~dpvr_kernels.config.default_route_layer`.
         fusion_layers: DPVR-LF fusion layers ``f`` (default 1).
         dtype_bytes: bytes per KV-cache element (2 for fp16/bf16).
 
@@ -652,14 +569,17 @@ def cost_model(
         A :class:`CostReport`.
 
     Raises:
-        ValueError: bad token counts, a route layer out of range, or ``image_tokens`` not a multiple of
-            the tokens per image; the message says how to fix it.
+        ValueError: bad token counts, a route layer out of range, an int ``image_tokens`` not a multiple of
+            the tokens per image or given for an anyres config; the message says how to fix it.
     """
+    if isinstance(config, str):
+        config = named_config(config)
     name, text, vision, tie = _resolve_config(config)
-    image_tokens = _as_int(image_tokens, "image_tokens")
-    text_tokens = _as_int(text_tokens, "text_tokens")
-    batch = _as_int(batch, "batch")
-    dtype_bytes = _as_int(dtype_bytes, "dtype_bytes")
+    work = image_tokens if isinstance(image_tokens, VisionWork) else None
+    image_tokens = as_int(work.tokens if work is not None else image_tokens, "image_tokens")
+    text_tokens = as_int(text_tokens, "text_tokens")
+    batch = as_int(batch, "batch")
+    dtype_bytes = as_int(dtype_bytes, "dtype_bytes")
     if image_tokens < 0 or text_tokens < 0:
         raise ValueError(
             f"token counts must be >= 0, got image_tokens={image_tokens}, text_tokens={text_tokens} "
@@ -681,24 +601,18 @@ def cost_model(
     layer_params = text.layer_params()
     embed = text.vocab * text.hidden
     params_total = embed + n_layers * layer_params + text.hidden + (0 if tie else embed)
-    images = 0
-    tokens_per_image = 0
+    per_image = 0
     vision_flops = projector_flops = 0
     if vision is not None:
         params_total += vision.tower_params() + vision.projector_params()
-        tokens_per_image = vision.tokens_per_image
-        if image_tokens % tokens_per_image:
-            lower = image_tokens // tokens_per_image * tokens_per_image
-            raise ValueError(
-                f"image_tokens={image_tokens} is not a multiple of the {tokens_per_image} tokens per image "
-                f"(image {vision.image_hw[0]}x{vision.image_hw[1]} px, patch "
-                f"{vision.patch_hw[0]}x{vision.patch_hw[1]}, strategy {vision.strategy!r}); pass a "
-                f"multiple such as {max(lower, tokens_per_image)} or {lower + tokens_per_image}"
-            )
-        images = batch * (image_tokens // tokens_per_image)
-        tower_linear, tower_attn = vision.tower_flops_per_image()
-        vision_flops = images * (tower_linear + tower_attn)
-        projector_flops = images * vision.projector_flops_per_image()
+        per_image = tokens_per_image(config)
+        if work is None:
+            work = _whole_images(config, image_tokens, per_image)
+        tower_linear, tower_attn = vision.tower_flops_per_pass()
+        vision_flops = batch * work.tower_passes * (tower_linear + tower_attn)
+        projector_flops = batch * work.projector_tokens * vision.projector_flops_per_token()
+    elif work is None:
+        work = VisionWork(image_tokens, 0, 0)
     params_side = layer_params
     params_dpvr = params_total + params_side
 
@@ -741,8 +655,10 @@ def cost_model(
         batch=batch,
         image_tokens=image_tokens,
         text_tokens=text_tokens,
-        images=images,
-        tokens_per_image=tokens_per_image,
+        images=batch * work.images,
+        videos=batch * work.videos,
+        tower_passes=batch * work.tower_passes,
+        tokens_per_image=per_image,
         num_layers=n_layers,
         route_layer=r,
         fusion_layers=f,
@@ -815,200 +731,3 @@ def route_layer_table(
             }
         )
     return rows
-
-
-# --------------------------------------------------------------------------------------------------------
-# Named and scaled configs
-# --------------------------------------------------------------------------------------------------------
-
-
-def _llava_config(
-    *,
-    name: str,
-    hidden: int,
-    intermediate: int,
-    layers: int,
-    heads: int,
-    kv_heads: int,
-    vocab: int,
-    image_token_id: int,
-    vision_hidden: int = 1024,
-    vision_intermediate: int = 4096,
-    vision_layers: int = 24,
-    vision_heads: int = 16,
-    image_size: int = 336,
-    patch_size: int = 14,
-    max_position_embeddings: int = 4096,
-) -> Any:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    text_config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=vocab,
-        max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=1e-5,
-    )
-    vision_config = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=vision_intermediate,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=vision_heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-    )
-    cfg = LlavaConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=image_token_id,
-        image_seq_length=(image_size // patch_size) ** 2,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    cfg.name_or_path = name
-    return cfg
-
-
-def named_config(name: str) -> Any:
-    """A ``LlavaConfig`` with the exact shapes of a public LLaVA checkpoint (random weights when built).
-
-    * ``"llava-1.5-7b"``: Vicuna-7B (hidden 4096, intermediate 11008, 32 layers, 32 heads, 32 KV heads,
-      vocab 32064) + CLIP ViT-L/14-336 (hidden 1024, intermediate 4096, 24 layers, 16 heads; 336 px,
-      patch 14: 576 image tokens), projector 1024 -> 4096 -> 4096 with GELU, image_token_id 32000,
-      ``vision_feature_layer=-2``, strategy ``"default"``.
-    * ``"llava-1.5-13b"``: Vicuna-13B (hidden 5120, intermediate 13824, 40 layers, 40 heads) + the same
-      vision tower.
-    * ``"llava-next-7b"``: the Vicuna-7B backbone and CLIP tower of LLaVA-1.5-7B. LLaVA-NeXT's "anyres"
-      gives up to 2880 image tokens per sample (5 crops x 576); :func:`cost_model` treats that as 5 images
-      of 576 tokens. The NeXT-specific ``image_newline`` parameter and its per-row newline tokens, and
-      the unpadding of crops, are not modelled (this is a ``LlavaConfig``, not a ``LlavaNextConfig``).
-
-    Raises:
-        ValueError: for an unknown name (lists :data:`NAMED_CONFIGS`).
-    """
-    key = name.strip().lower() if isinstance(name, str) else name
-    if key in ("llava-1.5-7b", "llava-next-7b"):
-        return _llava_config(
-            name=key,
-            hidden=4096,
-            intermediate=11008,
-            layers=32,
-            heads=32,
-            kv_heads=32,
-            vocab=32064,
-            image_token_id=32000,
-        )
-    if key == "llava-1.5-13b":
-        return _llava_config(
-            name=key,
-            hidden=5120,
-            intermediate=13824,
-            layers=40,
-            heads=40,
-            kv_heads=40,
-            vocab=32064,
-            image_token_id=32000,
-        )
-    raise ValueError(f"unknown config name {name!r}; choose one of {', '.join(NAMED_CONFIGS)}")
-
-
-def scaled_config(
-    hidden: int = 1024,
-    layers: int = 16,
-    heads: int = 16,
-    intermediate: int | None = None,
-    kv_heads: int | None = None,
-    vocab: int = 32064,
-    vision_hidden: int = 256,
-    vision_intermediate: int | None = None,
-    vision_layers: int = 4,
-    vision_heads: int = 4,
-    image_size: int = 168,
-    patch_size: int = 14,
-    image_token_id: int | None = None,
-    name: str | None = None,
-) -> Any:
-    """A LLaVA-1.5-shaped ``LlavaConfig`` scaled down for CPU demos and tests.
-
-    The default is a 16-layer, 1024-wide Llama decoder with a 4-layer, 256-wide CLIP tower on 168 px
-    images with patch 14, i.e. 12 x 12 = 144 image tokens per image.
-
-    Args:
-        hidden, layers, heads: decoder width, depth and attention heads.
-        intermediate: decoder MLP width; default keeps LLaVA-1.5-7B's ratio (11008 / 4096), rounded up to a
-            multiple of 64.
-        kv_heads: KV heads (GQA); default ``heads``.
-        vocab: vocabulary size.
-        vision_hidden, vision_intermediate, vision_layers, vision_heads: CLIP tower shape;
-            ``vision_intermediate`` defaults to ``4 * vision_hidden``.
-        image_size, patch_size: image and patch side in pixels; tokens per image ``(image_size // patch_size) ** 2``.
-        image_token_id: default 32000 if it fits the vocabulary, else ``vocab - 1``.
-        name: name shown in reports; default ``"llava-scaled-h{hidden}-l{layers}"``.
-
-    Raises:
-        ValueError: if a size is not positive, heads do not divide the widths, or the image is not a
-            whole number of patches.
-    """
-    if intermediate is None:
-        intermediate = -(-hidden * 11008 // (4096 * 64)) * 64
-    if kv_heads is None:
-        kv_heads = heads
-    if vision_intermediate is None:
-        vision_intermediate = 4 * vision_hidden
-    sizes = {
-        "hidden": hidden,
-        "layers": layers,
-        "heads": heads,
-        "intermediate": intermediate,
-        "kv_heads": kv_heads,
-        "vocab": vocab,
-        "vision_hidden": vision_hidden,
-        "vision_intermediate": vision_intermediate,
-        "vision_layers": vision_layers,
-        "vision_heads": vision_heads,
-        "image_size": image_size,
-        "patch_size": patch_size,
-    }
-    for key, value in sizes.items():
-        if _as_int(value, key) <= 0:
-            raise ValueError(f"scaled_config: {key} must be > 0, got {value}")
-    if hidden % heads or heads % kv_heads:
-        raise ValueError(
-            f"scaled_config: heads={heads} must divide hidden={hidden} and kv_heads={kv_heads} must divide heads"
-        )
-    if vision_hidden % vision_heads:
-        raise ValueError(
-            f"scaled_config: vision_heads={vision_heads} must divide vision_hidden={vision_hidden}"
-        )
-    if image_size % patch_size:
-        raise ValueError(
-            f"scaled_config: image_size={image_size} must be a multiple of patch_size={patch_size} "
-            f"(e.g. {image_size // patch_size * patch_size or patch_size})"
-        )
-    if image_token_id is None:
-        image_token_id = 32000 if vocab > 32000 else vocab - 1
-    if not 0 <= image_token_id < vocab:
-        raise ValueError(f"scaled_config: image_token_id={image_token_id} must be in [0, vocab={vocab})")
-    return _llava_config(
-        name=name or f"llava-scaled-h{hidden}-l{layers}",
-        hidden=hidden,
-        intermediate=intermediate,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv_heads,
-        vocab=vocab,
-        image_token_id=image_token_id,
-        vision_hidden=vision_hidden,
-        vision_intermediate=vision_intermediate,
-        vision_layers=vision_layers,
-        vision_heads=vision_heads,
-        image_size=image_size,
-        patch_size=patch_size,
-    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .flops import validate_route
+from .config import validate_route
 from .models import classes
 from .models.llava import SIDE_BRANCH, _language_model, _layer_call, _layer_types, stock_attention
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .flops import tokens_per_image  # noqa: F401  (re-exported: workloads are sized in whole images)
+from .vision_tokens import tokens_per_image
 
 
 @dataclass

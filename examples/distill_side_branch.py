@@ -39,7 +39,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 import dpvr_kernels
-from dpvr_kernels.flops import scaled_config
+from dpvr_kernels.presets import scaled_config
 from dpvr_kernels.training import distill_side_branch, distillation_kl, mark_trainable
 
 IMAGE_SIZE = 84  # 84 px / 14 px patches -> 6 x 6 = 36 image tokens per image

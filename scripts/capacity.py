@@ -66,8 +66,9 @@ def largest_batch(fits, max_batch: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     from shapes import CONFIG, DEVICE, DTYPE, DTYPE_NAME
 
-    from dpvr_kernels.flops import default_route_layer
-    from dpvr_kernels.workloads import build_model, tokens_per_image
+    from dpvr_kernels.config import default_route_layer
+    from dpvr_kernels.vision_tokens import tokens_per_image
+    from dpvr_kernels.workloads import build_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--out", required=True, help="JSON file to write")

@@ -1,6 +1,10 @@
 import os
 
-import torch
+# Tests never download: models and processors come from folders the tests make (HF_HUB_OFFLINE is read when
+# huggingface_hub is imported, so it is set before anything imports transformers).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import torch  # noqa: E402
 
 # Triton kernels run on CPU only under the interpreter; it must be set before triton.jit decorates them.
 if not torch.cuda.is_available():

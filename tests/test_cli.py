@@ -12,12 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_folder import make_llava_folder, make_png
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import dpvr_kernels
 from dpvr_kernels.analysis import attention_to_image_profile, suggest_route_layer
-from dpvr_kernels.cli import default_threads, main, size_config
-from dpvr_kernels.flops import NAMED_CONFIGS, cost_model
+from dpvr_kernels.cli import main
+from dpvr_kernels.cli.common import default_threads
+from dpvr_kernels.flops import cost_model
+from dpvr_kernels.presets import NAMED_CONFIGS, size_config
 from dpvr_kernels.workloads import build_model, synthetic_batch
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -37,6 +40,13 @@ def _one_thread():
 def tiny():
     config = size_config("tiny")
     return config, build_model(config, attn="sdpa", seed=0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A user's model folder (tiny random LLaVA + processor with a chat template) and a PNG, made offline."""
+    root = tmp_path_factory.mktemp("user_model")
+    return make_llava_folder(root / "llava"), make_png(root / "photo.png")
 
 
 def _assert_png(path: Path) -> None:
@@ -170,13 +180,15 @@ def test_analyze_tiny_table_and_png(capsys, tmp_path):
     assert len((tmp_path / "analyze.csv").read_text().splitlines()) == 1 + 4
 
 
-def test_analyze_local_checkpoint(capsys, tmp_path, tiny):
-    _, model = tiny
-    model.save_pretrained(tmp_path / "ckpt")
-    rc = main(["analyze", "--model-path", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")])
+def test_analyze_model_folder(capsys, tmp_path, model_dir):
+    folder, png = model_dir
+    rc = main(["analyze", "--model", str(folder), "--image", str(png), "--prompt", "describe it",
+               "--out", str(tmp_path / "out")])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "NOT meaningful" not in out
+    assert "NOT meaningful" not in out and "4 image tokens" in out
+    rows = [line for line in out.splitlines() if re.match(r"^\s+\d+\s+\d\.\d{4}\s", line)]
+    assert len(rows) == 4
     _assert_png(tmp_path / "out" / "analyze.png")
 
 
@@ -363,3 +375,95 @@ def test_analyze_without_text_after_the_image_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["analyze", "--size", "tiny", "--text-tokens", "1", "--out", str(tmp_path)])
     assert exc.value.code == 2
+
+
+# -------------------------------------------------------------------------------------------- --model DIR
+
+
+def test_demo_model_folder_subprocess(tmp_path, model_dir):
+    folder, png = model_dir
+    out_json = tmp_path / "demo.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dpvr_kernels", "demo", "--model", str(folder), "--image", str(png),
+                           "--prompt", "what is in the picture", "--max-new-tokens", "6", "--repeats", "1",
+                           "--json", str(out_json)], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "numerics: PASS" in out
+    res = json.loads(out_json.read_text())
+    stock, dpvr = res["stock"]["answer"], res["dpvr"]["answer"]
+    assert stock and dpvr  # six greedy word tokens each
+    assert res["stock"]["new_tokens"] == res["dpvr"]["new_tokens"] == 6
+    answers = out[out.index("answers (greedy"):].splitlines()
+    assert re.match(r"^\s+stock\s+\|\s+DPVR-LF$", answers[1])
+    assert answers[2].split("|")[0].strip() == stock and answers[2].split("|")[1].strip() == dpvr
+    for row in ("prefill time", "decode (generate, tokens/s)", "KV cache, measured", "prefill FLOPs (cost model)",
+                "ideal", "photo.png"):
+        assert row in out, row
+    assert res["tokens"] == {"image": 4, "text": res["tokens"]["text"]} and res["tokens"]["text"] > 4
+    # the live caches after the prefill match the cost model
+    assert res["stock"]["kv_bytes"] == res["cost_model"]["kv_bytes_stock"]
+    assert res["dpvr"]["kv_bytes"] == res["cost_model"]["kv_bytes_dpvr"] < res["stock"]["kv_bytes"]
+    assert res["numerics"]["passed"] and res["numerics"]["max_rel_error"] < 1e-5
+    assert res["stock"]["decode_tokens_per_s"] > 0 and res["dpvr"]["prefill_s"] > 0
+
+
+def test_demo_model_default_sample_image(capsys, model_dir):
+    folder, _ = model_dir
+    assert main(["demo", "--model", str(folder), "--max-new-tokens", "3", "--repeats", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "sample.png 160x120" in out and "numerics: PASS" in out
+
+
+def test_sample_image_is_package_data():
+    from dpvr_kernels.cli.common import sample_image_path
+
+    path = sample_image_path()
+    assert path.read_bytes()[:8] == PNG_SIGNATURE and 100 < path.stat().st_size < 20_000
+
+
+def test_bench_model_folder(capsys, tmp_path, model_dir):
+    folder, png = model_dir
+    rc = main(["bench", "--model", str(folder), "--image", str(png), "--batches", "1,2", "--repeats", "1",
+               "--warmup", "0", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    with (tmp_path / "bench.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(int(r["batch"]), int(r["image_tokens"])) for r in rows] == [(1, 4), (2, 4)]
+    assert all(float(r["stock_ms"]) > 0 and float(r["ideal_speedup"]) >= 1.0 for r in rows)
+
+
+@pytest.fixture(scope="module")
+def bad_folders(tmp_path_factory, model_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("bad")
+    LlavaForConditionalGeneration.from_pretrained(model_dir[0]).save_pretrained(root / "no_processor")
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 vocab_size=100)).save_pretrained(root / "text_only")
+    (root / "empty").mkdir()
+    return root
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "{bad}/missing"], "no such folder. Pass a folder saved with model.save_pretrained"),
+        (["--model", "{bad}/empty"], "has no config.json"),
+        (["--model", "nobody/no-such-llava"], "not in the local Hugging Face cache"),
+        (["--model", "{bad}/no_processor"], "processor.save_pretrained(DIR)"),
+        (["--model", "{bad}/text_only"], "is not a LLaVA-family model. DPVR-LF patches LlavaForConditionalGeneration"),
+        (["--model", "{good}", "--image", "{bad}/none.png"], "--image {bad}/none.png: no such file"),
+        (["--model", "{good}", "--image", "{bad}/empty"], "not an image PIL can read"),
+        (["--model", "{good}", "--size", "tiny"], "--model and --size exclude each other"),
+        (["--model", "{good}", "--text-tokens", "9"], "with --model the prompt is --prompt and --image"),
+        (["--size", "tiny", "--image", "x.png"], "--image and --prompt go with --model"),
+        (["--model", "{good}", "--imag", "x.png"], "unrecognized arguments: --imag"),  # no prefix matching
+    ],
+)
+def test_demo_model_bad_input_exits_2(capsys, model_dir, bad_folders, argv, message):
+    fill = {"bad": str(bad_folders), "good": str(model_dir[0])}
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", *[a.format(**fill) for a in argv]])
+    assert exc.value.code == 2
+    assert message.format(**fill) in capsys.readouterr().err

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
+    AutoModelForImageTextToText,
     CLIPVisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -19,16 +20,10 @@ from transformers import (
     Qwen3Config,
 )
 
-from dpvr_kernels.flops import (
-    NAMED_CONFIGS,
-    CostReport,
-    cost_model,
-    default_route_layer,
-    named_config,
-    route_layer_table,
-    scaled_config,
-    validate_route,
-)
+from dpvr_kernels.config import default_route_layer, validate_route
+from dpvr_kernels.flops import CostReport, cost_model, route_layer_table
+from dpvr_kernels.presets import NAMED_CONFIGS, named_config, scaled_config
+from dpvr_kernels.vision_tokens import image_work
 
 IMAGE_TOKEN = 127
 
@@ -129,9 +124,9 @@ def test_llava_15_7b_prefill_flops_by_hand():
 @pytest.mark.parametrize("name", NAMED_CONFIGS)
 def test_params_total_matches_meta_model_named(name):
     cfg = named_config(name)
-    rep = cost_model(cfg, 576, 64)
+    rep = cost_model(cfg, image_work(cfg, 336, 336), 64)
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(cfg)
+        model = AutoModelForImageTextToText.from_config(cfg)
     assert rep.params_total == sum(p.numel() for p in model.parameters())
     layer = model.model.language_model.layers[rep.route_layer]
     assert rep.params_side_branch == sum(p.numel() for p in layer.parameters())
@@ -356,12 +351,19 @@ def test_decode_bytes():
         rep.decode_bytes_per_step(10)
 
 
-def test_llava_next_is_five_images():
-    rep = cost_model("llava-next-7b", 2880, 64)
-    assert rep.images == 5
+def test_llava_next_672px_image_is_five_tower_passes_and_2928_tokens():
+    cfg = named_config("llava-next-7b")
+    work = image_work(cfg, 672, 672)
+    # base tile 576 + the 2 x 2 tiles' 48 x 48 patch grid + one newline per grid row
+    assert (work.tokens, work.tower_passes, work.projector_tokens) == (576 + 48 * 48 + 48, 5, 5 * 576)
+    rep = cost_model(cfg, work, 64)
+    assert rep.images == 1 and rep.tower_passes == 5 and rep.image_tokens == 2928
     one = cost_model("llava-1.5-7b", 576, 64)
     assert rep.flops_breakdown_stock["vision_tower"] == 5 * one.flops_breakdown_stock["vision_tower"]
-    assert rep.params_total == one.params_total
+    assert rep.flops_breakdown_stock["projector"] == 5 * one.flops_breakdown_stock["projector"]
+    assert rep.params_total == one.params_total + 4096  # the learned image_newline vector
+    with pytest.raises(ValueError, match="image_work"):
+        cost_model(cfg, 2880, 64)  # an int says nothing about the tiles behind it
 
 
 def test_route_layer_table():

@@ -129,9 +129,8 @@ def test_video_count_mismatch_names_the_fix():
 
 
 def test_unsupported_class_lists_the_supported_ones():
-    from transformers import LlamaForCausalLM
-
     from families import text_config
+    from transformers import LlamaForCausalLM
 
     with pytest.raises(TypeError, match="LlavaOnevisionForConditionalGeneration"):
         dpvr_kernels.patch(LlamaForCausalLM(text_config(layers=2)))

@@ -16,7 +16,7 @@ from tiny import IMAGE_TOKEN, make_batch, tiny_llava
 from transformers import LlavaForConditionalGeneration
 
 import dpvr_kernels
-from dpvr_kernels.flops import named_config
+from dpvr_kernels.presets import named_config
 from dpvr_kernels.reference import reference_forward
 from dpvr_kernels.training import distill_side_branch, distillation_kl, distillation_loss, mark_trainable
 

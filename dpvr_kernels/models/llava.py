@@ -33,9 +33,9 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..config import DPVRConfig
-from ..flops import tokens_per_image
 from ..ops import fuse_merge, route_split
 from ..plan import build_route_plan_from_mask, packed_sequence_ids, sequence_ids_from_cu_seqlens
+from ..vision_tokens import tokens_per_image
 from . import attention, classes
 from .attention import ATTN_NAME, VarlenSegments
 from .cache import DPVRCache, DPVRStaticCache, TextCacheWriter, adopt_cache, deep_decode_mask, is_dpvr_cache

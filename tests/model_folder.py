@@ -1,0 +1,75 @@
+"""A user's model folder made offline (DESIGN §6): tiny random LLaVA-family models with a word-level tokenizer,
+an image processor and a chat template, saved with ``save_pretrained``; and the processors alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+VOCAB = 200
+WORDS = "what is in the picture describe it a cat dog red blue house sun tree USER ASSISTANT : please".split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }} : "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'video' %}<video> "
+    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+)
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer of ``VOCAB`` ids with ``<image>`` and ``<video>`` as special tokens."""
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", "<image>", "<video>", *WORDS])}
+    vocab.update({f"w{i}": i for i in range(len(vocab), VOCAB)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    return tokenizer
+
+
+def make_llava_folder(folder: Path, image_size: int = 28, patch: int = 14, layers: int = 4, seed: int = 1) -> Path:
+    """A tiny random ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` saved in ``folder``."""
+    tokenizer = word_tokenizer()
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                           crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, patch_size=patch, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=2,
+                       eos_token_id=3, pad_token_id=1)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch, projection_dim=32)
+    cfg = LlavaConfig(text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                      vision_feature_select_strategy="default", vision_feature_layer=-2)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # larger random weights so greedy answers are not one repeated token
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def make_png(path: Path, height: int = 40, width: int = 52, seed: int = 0) -> Path:
+    """A small random-colour PNG."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)
+    return path
