@@ -14,6 +14,10 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
@@ -61,6 +65,32 @@ def make_llava_folder(folder: Path, image_size: int = 28, patch: int = 14, layer
         for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(4.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def make_llava_next_folder(folder: Path, layers: int = 4, seed: int = 2) -> Path:
+    """A tiny random ``LlavaNextForConditionalGeneration`` (anyres 28 px tiles, grids up to 2 x 2) with its
+    ``LlavaNextProcessor`` (the PIL image processor: no torchvision needed) saved in ``folder``."""
+    tokenizer = word_tokenizer()
+    grids = [[28, 56], [56, 28], [56, 56]]
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                                 image_grid_pinpoints=grids)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+                                   patch_size=14, vision_feature_select_strategy="default",
+                                   num_additional_image_tokens=1)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=2,
+                       eos_token_id=3, pad_token_id=1)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=28, patch_size=14)
+    cfg = LlavaNextConfig(text_config=text, vision_config=vision,
+                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_grid_pinpoints=grids,
+                          vision_feature_select_strategy="default", vision_feature_layer=-2)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

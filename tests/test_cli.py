@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_folder import make_llava_folder, make_png
+from model_folder import make_llava_folder, make_llava_next_folder, make_png
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import dpvr_kernels
@@ -406,6 +406,18 @@ def test_demo_model_folder_subprocess(tmp_path, model_dir):
     assert res["dpvr"]["kv_bytes"] == res["cost_model"]["kv_bytes_dpvr"] < res["stock"]["kv_bytes"]
     assert res["numerics"]["passed"] and res["numerics"]["max_rel_error"] < 1e-5
     assert res["stock"]["decode_tokens_per_s"] > 0 and res["dpvr"]["prefill_s"] > 0
+
+
+def test_demo_llava_next_folder(capsys, tmp_path, model_dir):
+    # Another class from the table, with its own processor (anyres tiles, image-newline rows): same report.
+    folder = make_llava_next_folder(tmp_path / "llava_next")
+    _, png = model_dir
+    argv = ["demo", "--model", str(folder), "--image", str(png), "--prompt", "what is in the picture",
+            "--max-new-tokens", "4", "--repeats", "1", "--warmup", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "LlavaNextForConditionalGeneration" in out and "numerics: PASS" in out
+    assert re.search(r"tokens per sample\s+\d+ = (\d+) image", out).group(1) not in ("0", "4")  # tiles + newlines
 
 
 def test_demo_model_default_sample_image(capsys, model_dir):

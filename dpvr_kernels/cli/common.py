@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..models.classes import BY_MODEL_TYPE, SUPPORTED
 from ..vision_tokens import VisionWork, image_work, tokens_per_image
 
 DTYPES = {
@@ -32,14 +33,6 @@ HALF_TOLERANCE = 2e-2
 
 #: The LLaVA-family classes ``--model`` loads, by ``config.model_type``; ``patch()`` decides which of them
 #: DPVR-LF supports and says so if one is not.
-LLAVA_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "llava_next_video": "LlavaNextVideoForConditionalGeneration",
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "vipllava": "VipLlavaForConditionalGeneration",
-}
-
 DEFAULT_PROMPT = "What is shown in this image? Answer in one sentence."
 
 
@@ -328,9 +321,9 @@ def load_user_model(parser: argparse.ArgumentParser, spec: str, dtype: torch.dty
                      f"nothing is downloaded. Fetch it first where there is network (hf download {spec}) or pass "
                      f"a folder. ({type(exc).__name__}: {str(exc).splitlines()[0]})")
     model_type = getattr(config, "model_type", "")
-    if model_type not in LLAVA_CLASSES:
+    if model_type not in BY_MODEL_TYPE:
         parser.error(f"--model {spec}: model_type {model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])}) "
-                     f"is not a LLaVA-family model. DPVR-LF patches {', '.join(LLAVA_CLASSES.values())}; pass one "
+                     f"is not a LLaVA-family model. DPVR-LF patches {', '.join(SUPPORTED)}; pass one "
                      f"of those checkpoints")
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=True)
@@ -353,7 +346,7 @@ def load_user_model(parser: argparse.ArgumentParser, spec: str, dtype: torch.dty
                 f"{device} anyway (pip install accelerate to spread it with device_map='auto')")
         else:
             device_map = "auto"
-    cls = getattr(transformers, LLAVA_CLASSES[model_type])
+    cls = getattr(transformers, BY_MODEL_TYPE[model_type].name)
     log(f"model: loading {spec} as {cls.__name__} ({dtype_name(dtype)}, "
         f"{'device_map=auto' if device_map else device})")
     model = cls.from_pretrained(source, local_files_only=True, dtype=dtype, attn_implementation=attn,

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer, StaticSlidingWindowLayer
+from transformers.cache_utils import (
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    StaticCache,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+)
 
 from ..plan import RoutePlan
 
@@ -109,12 +116,15 @@ class DPVRStaticCache(_DPVRCacheMixin, StaticCache):
         self.dpvr_full_layer, self.dpvr_deep_layer = n - 1, route_layer
 
 
-def _unwindowed(cache: StaticCache) -> None:
-    """Sliding-window layers of a static cache whose capacity is within the window (so the window cannot bind)
-    become plain static layers, which DPVR-LF's text-only deep layers use; a window that could bind is refused
-    (a rolling buffer over the text-only stream would drop keys by count, not by original position)."""
+def _unwindowed(cache) -> None:
+    """Sliding-window layers of an empty cache become plain layers: a rolling buffer over the text-only stream
+    would drop keys by count, not by original position. The window is applied by the masks instead, and the
+    patched forward refuses a step where it would bind with a cache; a static cache longer than the window is
+    refused here."""
     for i, layer in enumerate(cache.layers):
-        if isinstance(layer, StaticSlidingWindowLayer):
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            cache.layers[i] = DynamicLayer()
+        elif isinstance(layer, StaticSlidingWindowLayer):
             if not getattr(layer, "_is_croppable", False):  # transformers: capacity <= window
                 raise NotImplementedError(
                     f"a static cache longer than the model's sliding window (holding {layer.max_cache_len} of its "
@@ -139,10 +149,9 @@ def adopt_cache(cache, full_layer: int, deep_layer: int):
                 "this cache was not filled by a DPVR-LF prefill: run the prompt through the patched model first "
                 "(model.generate does), or unpatch the model to reuse a stock cache"
             )
-        if target is DPVRStaticCache:
-            _unwindowed(cache)
         cache.__class__ = target
     if cache.dpvr_full_layer < 0:  # set once, not on every decode step
+        _unwindowed(cache)
         cache.dpvr_full_layer, cache.dpvr_deep_layer = full_layer, deep_layer
     return cache
 

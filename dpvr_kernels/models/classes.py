@@ -34,6 +34,8 @@ VIDEO = VisionInput("video", "video_token_id", "pixel_values_videos")
 @dataclass(frozen=True)
 class ModelClass:
     name: str
+    model_type: str
+    """``config.model_type`` of its checkpoints (how a folder's config names the class)."""
     backbone: str
     """Backbone of the public checkpoints (documentation; any Llama-style decoder with RoPE is accepted)."""
     inputs: tuple[VisionInput, ...]
@@ -42,13 +44,16 @@ class ModelClass:
 SUPPORTED: dict[str, ModelClass] = {
     row.name: row
     for row in (
-        ModelClass("LlavaForConditionalGeneration", "Llama / Vicuna, Mistral (BakLLaVA)", (IMAGE,)),
-        ModelClass("LlavaNextForConditionalGeneration", "Vicuna, Mistral, Llama-3", (IMAGE,)),
-        ModelClass("LlavaNextVideoForConditionalGeneration", "Vicuna", (IMAGE, VIDEO)),
-        ModelClass("LlavaOnevisionForConditionalGeneration", "Qwen2", (IMAGE, VIDEO)),
-        ModelClass("VipLlavaForConditionalGeneration", "Vicuna", (IMAGE,)),
+        ModelClass("LlavaForConditionalGeneration", "llava", "Llama / Vicuna, Mistral (BakLLaVA)", (IMAGE,)),
+        ModelClass("LlavaNextForConditionalGeneration", "llava_next", "Vicuna, Mistral, Llama-3", (IMAGE,)),
+        ModelClass("LlavaNextVideoForConditionalGeneration", "llava_next_video", "Vicuna", (IMAGE, VIDEO)),
+        ModelClass("LlavaOnevisionForConditionalGeneration", "llava_onevision", "Qwen2", (IMAGE, VIDEO)),
+        ModelClass("VipLlavaForConditionalGeneration", "vipllava", "Vicuna", (IMAGE,)),
     )
 }
+
+
+BY_MODEL_TYPE: dict[str, ModelClass] = {row.model_type: row for row in SUPPORTED.values()}
 
 
 def model_class(model) -> ModelClass:
