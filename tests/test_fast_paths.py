@@ -116,10 +116,16 @@ def test_hf_compiled_generation_with_static_cache():
     ids, mask, pv = make_batch(PROMPTS, seed=3)
     config = CompileConfig(fullgraph=True, mode="default", dynamic=None)
     config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     eager = _generate(model, ids, mask, pv, do_sample=False)
     compiled = _generate(model, ids, mask, pv, do_sample=False, cache_implementation="static", compile_config=config)
     assert torch.equal(eager, compiled)
+    # One graph for every decode step: the 2-D mask is padded to the cache's capacity, so shapes never change
+    # (on a GPU: one CUDA graph, not one per length).
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_compiled_prefill_matches_eager_without_recompiling_per_length():

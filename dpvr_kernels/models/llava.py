@@ -302,10 +302,16 @@ def _generate(self, *args, **kwargs):
     return type(self).generate(self, *args, **kwargs)
 
 
-def _masks_for_generate(self, attention_mask=None, **kwargs):
+def _masks_for_generate(self, attention_mask=None, cache=None, **kwargs):
     """generate() turns the 2-D mask into 4-D masks up front for a static cache; DPVR-LF routes by the 2-D mask
-    and builds each layer's mask itself, so it keeps the 2-D one."""
-    return attention_mask
+    and builds each layer's mask itself, so it keeps the 2-D one. In decode steps over a static cache the mask is
+    zero-padded to the cache's capacity, as stock's 4-D masks are: every step then has the same shapes, so a
+    compiled step (and its CUDA graph) is reused instead of re-made for each new length."""
+    cache = cache if cache is not None else kwargs.get("past_key_values")
+    if attention_mask is None or not isinstance(cache, DPVRStaticCache) or not cache.dpvr_filled:
+        return attention_mask
+    capacity = cache.layers[cache.dpvr_full_layer].max_cache_len
+    return torch.nn.functional.pad(attention_mask, (0, capacity - attention_mask.shape[1]))
 
 
 def _static_cache_for(model: nn.Module, gen_cfg, args: tuple, kwargs: dict) -> DPVRStaticCache:
