@@ -17,11 +17,11 @@ from .models.llava import SIDE_BRANCH, _language_model, _layer_call, _layer_type
 
 
 def _mask_additive(positions: Tensor, window: int | None, dtype: torch.dtype) -> Tensor:
-    """Causal by original position, and within ``window`` positions of the query for a sliding-window layer."""
-    diff = positions[:, None] - positions[None, :]
-    allowed = diff >= 0
+    """Causal (by sequence order, as stock), and for a sliding-window layer within ``window`` original positions."""
+    n = positions.numel()
+    allowed = torch.ones(n, n, dtype=torch.bool, device=positions.device).tril()
     if window is not None:
-        allowed &= diff < window
+        allowed &= (positions[:, None] - positions[None, :]) < window
     mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
 
@@ -42,26 +42,33 @@ class _Embedded(Exception):
     pass
 
 
-def _embeddings(model: nn.Module, input_ids: Tensor, vision_inputs: dict) -> Tensor:
+def _embeddings(model: nn.Module, input_ids: Tensor, vision_inputs: dict, vision_mask: Tensor) -> Tensor:
     """The decoder's input embeddings as the stock multimodal forward makes them (vision features scattered into
-    the placeholders by the model class's own code): captured at the language model's input."""
+    the placeholders by the model class's own code): captured at the language model's input. Placeholder ids
+    that ``vision_mask`` calls text (e.g. generated ones) keep their plain embedding."""
     llava = model.model
+    plain = llava.get_input_embeddings()(input_ids)
     if not vision_inputs:
-        return llava.get_input_embeddings()(input_ids)
+        return plain
     captured = {}
 
     def capture(module, args, kwargs):
         captured["embeds"] = kwargs["inputs_embeds"]
         raise _Embedded
 
+    row = classes.model_class(model)
+    ids = input_ids.clone()
+    for vision in row.inputs:  # stock would count text-role placeholders as vision tokens: hide them from it
+        token = getattr(model.config, vision.token_id)
+        ids[(input_ids == token) & ~vision_mask] = 0 if token != 0 else 1
     handle = llava.language_model.register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        type(llava).forward(llava, input_ids=input_ids, use_cache=False, **vision_inputs)
+        type(llava).forward(llava, input_ids=ids, use_cache=False, **vision_inputs)
     except _Embedded:
         pass
     finally:
         handle.remove()
-    return captured["embeds"]
+    return torch.where(vision_mask[..., None], captured["embeds"], plain)
 
 
 def _sequences(positions: Tensor, packed: bool) -> list[Tensor]:
@@ -129,7 +136,7 @@ def reference_forward(
     windows = [window if t == "sliding_attention" else None for t in types]
 
     with stock_attention(model):
-        embeds = _embeddings(model, input_ids, vision_inputs)
+        embeds = _embeddings(model, input_ids, vision_inputs, vision_mask)
         outputs = []
         for b in range(bsz):
             keep = attention_mask[b].bool()

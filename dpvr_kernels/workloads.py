@@ -148,16 +148,26 @@ def prefill(model, batch: Batch, use_cache: bool = True, cache=None):
 
 def decode(model, batch: Batch, first_tokens: Tensor, cache, steps: int, forward=None) -> Tensor:
     """``steps`` greedy decode steps after :func:`prefill` (what generate does, without its overhead).
-    ``forward``: what runs a step (e.g. ``torch.compile(model)``); default ``model``."""
+    ``forward``: what runs a step (e.g. ``torch.compile(model)``); default ``model``. With a static cache the
+    2-D mask has the cache's capacity from the start (as generate's masks do), so every step has the same
+    shapes: a compiled step and its CUDA graph are made once."""
+    from transformers import StaticCache
+
     from .models.llava import _CACHE_KW
 
     forward = model if forward is None else forward
-
     mask = batch.attention_mask
     pos = mask.sum(-1, keepdim=True) - 1
+    length = mask.shape[1]
+    if isinstance(cache, StaticCache):
+        mask = torch.nn.functional.pad(mask, (0, cache.layers[-1].max_cache_len - length))
     tokens, out_tokens = first_tokens, [first_tokens]
-    for _ in range(steps):
-        mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
+    for i in range(steps):
+        if isinstance(cache, StaticCache):
+            mask = mask.clone()
+            mask[:, length + i] = 1
+        else:
+            mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
         pos = pos + 1
         out = forward(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
                       **{_CACHE_KW: cache})

@@ -130,15 +130,14 @@ def _sdpa_per_segment(q: Tensor, k: Tensor, v: Tensor, seg: VarlenSegments, scal
 
 def _sdpa_windowed(q: Tensor, k: Tensor, v: Tensor, seg: VarlenSegments, scale: float, dropout: float,
                    window: int) -> Tensor:
-    """Per segment, causal and within ``window`` positions of the query (explicit boolean masks)."""
+    """Per segment, causal (in stream order, as stock) and within ``window`` original positions of the query."""
     gqa = q.shape[0] != k.shape[0]
     outs, start = [], 0
     for n in seg.seqlens:
         if n:
             sl = slice(start, start + n)
             pos = seg.positions[sl]
-            diff = pos[:, None] - pos[None, :]
-            allowed = (diff >= 0) & (diff < window)
+            allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril() & (pos[:, None] - pos[None, :] < window)
             outs.append(
                 F.scaled_dot_product_attention(
                     q[None, :, sl], k[None, :, sl], v[None, :, sl], attn_mask=allowed[None, None], dropout_p=dropout,
