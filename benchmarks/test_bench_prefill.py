@@ -26,8 +26,8 @@ def _ideal(batch_size: int) -> float:
     return rep.ideal_prefill_speedup
 
 
-@pytest.mark.parametrize("batch_size", PREFILL_BATCHES)
 @pytest.mark.parametrize("variant", ["stock", "dpvr", "dpvr_torch_kernels", "reference"])
+@pytest.mark.parametrize("batch_size", PREFILL_BATCHES)
 def test_prefill(benchmark, record, llava_model, batch_size, variant):
     """``dpvr``: the fast path (auto kernels); ``dpvr_torch_kernels``: the same forward with plain torch
     indexing for route/merge (a plain-torch packed forward); ``reference``: per-sample loops."""
@@ -50,8 +50,8 @@ def test_prefill(benchmark, record, llava_model, batch_size, variant):
            ideal=_ideal(batch_size) if variant.startswith("dpvr") else None)
 
 
-@pytest.mark.parametrize("batch_size", PREFILL_BATCHES)
 @pytest.mark.parametrize("variant", ["stock", "dpvr"])
+@pytest.mark.parametrize("batch_size", PREFILL_BATCHES)
 def test_prefill_compiled(benchmark, record, llava_model, batch_size, variant):
     if QUICK:
         pytest.skip("DPVR_BENCH_QUICK=1 smoke run: compiling the model does not fit it")
