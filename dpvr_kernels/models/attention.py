@@ -10,6 +10,7 @@ builds for the text-only cache.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -143,6 +144,8 @@ def dpvr_varlen_attention(
     if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
         raise RuntimeError("varlen attention expects packed [1, H, T, Dh] queries and keys of the same stream")
     q, k, v = query[0], key[0], value[0]  # [H, T, Dh]
+    if dpvr_segments.cu_seqlens.device != q.device:  # a device_map put this layer on another device than the plan
+        dpvr_segments = dataclasses.replace(dpvr_segments, cu_seqlens=dpvr_segments.cu_seqlens.to(q.device))
     path = varlen_backend(q.device, q.dtype)
     if path == "flash_attn":
         out = _flash_attn_varlen()(
