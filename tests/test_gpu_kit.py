@@ -39,7 +39,9 @@ def test_dry_run_writes_the_report(tmp_path):
     assert "all stages passed" in proc.stdout
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     assert report["dry_run"] and report["ok"]
-    assert [s["stage"] for s in report["stages"]] == ["build", "tests", "benchmarks"]
+    assert [s["stage"] for s in report["stages"]] == ["build", "tests", "device_map", "benchmarks"]
+    # the device_map stage ran its CPU/disk-offload variant and passed
+    assert '"placement": "cpu+disk"' in (tmp_path / "gpu_device_map.txt").read_text()
     assert report["environment"]["torch"] == torch.__version__
     # Every CUDA-marked test was collected (and skipped here): the kit runs the whole CUDA set on a GPU.
     tests = report["tests"]
