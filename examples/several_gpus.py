@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
             train_with_trainer(args.path, args.out, args.steps, args.global_batch, args.lr)
         else:
             train(args.path, args.out, args.steps, args.global_batch, args.lr, args.fsdp)
+        if dist.is_initialized():
+            dist.barrier()  # every rank done before the group goes away (gloo aborts a rank whose peer left first)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
