@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU validation kit: build the CUDA extension, run the CUDA-marked tests, run the benchmarks at
+# GPU validation kit: build the CUDA extension, run the CUDA-marked tests, check a cuda:0/cpu device_map
+# split (scripts/device_map_check.py), run the benchmarks at
 # LLaVA-1.5-7B shapes (bf16), and write a report (markdown + JSON) into benchmarks/results/. Meant for one
 # short run (< 9 min in all: every stage has a time cap within one overall deadline) on a lent GPU that has
 # torch with CUDA, Triton and transformers installed. Prints a short table last.
@@ -40,8 +41,9 @@ fi
 mkdir -p "$OUT"
 STAGES="$OUT/gpu_stages.tsv"
 # Outputs of an earlier run must not pass for this run's (a stage cut short writes fewer files).
-rm -f "$OUT"/gpu_{stages.tsv,build.log,tests.txt,tests.xml,bench.md,bench.json,bench_log.txt,report.md,report.json} \
-    "$OUT"/gpu_{capacity.json,capacity_log.txt,bench_compiled.md,bench_compiled.json,bench_compiled_log.txt}
+rm -f "$OUT"/gpu_{stages.tsv,build.log,tests.txt,tests.xml,device_map.txt,bench.md,bench.json,bench_log.txt} \
+    "$OUT"/gpu_{report.md,report.json,capacity.json,capacity_log.txt,bench_compiled.md,bench_compiled.json} \
+    "$OUT"/gpu_bench_compiled_log.txt
 : > "$STAGES"
 export PYTHONUNBUFFERED=1  # logs complete up to the moment a stage is stopped
 log() { echo "[gpu_check $(date -u +%T)] $*"; }
@@ -84,6 +86,15 @@ PER_TEST=()
 "$PY" -c "import pytest_timeout" 2> /dev/null && PER_TEST=(--timeout=120)
 stage tests 120 "$OUT/gpu_tests.txt" "$PY" -m pytest tests -m cuda -q -p no:cacheprovider -rfE --durations=8 \
     --continue-on-collection-errors -o junit_family=xunit1 --junitxml="$OUT/gpu_tests.xml" "${PER_TEST[@]}"
+
+# ---- device_map check (issue 14) ------------------------------------------------------------------------------
+# DPVR-LF with the decoder split between cuda:0 and cpu by an accelerate device_map (route, text stream, side branch
+# and fusion cross devices) against the same model on cuda:0: logits and greedy generate. Tiny model, ~10 s.
+# --dry-run: CPU + disk offload placements instead.
+DM_ARGS=()
+[[ $DRY_RUN == 1 ]] && DM_ARGS=(--dry-run)
+stage device_map 60 "$OUT/gpu_device_map.txt" "$PY" scripts/device_map_check.py "${DM_ARGS[@]}"
+# ---- end of the device_map check -------------------------------------------------------------------------------
 
 # The benchmark tables are rewritten after every row, so a stage cut short keeps what it measured. Eager rows
 # first (kernels, prefill B=1/8, decode B=1/8/32 with a dynamic and a static cache), then the compiled ones,

@@ -39,9 +39,12 @@ def test_dry_run_writes_the_report(tmp_path):
     assert "all stages passed" in proc.stdout
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     assert report["dry_run"] and report["ok"]
-    assert [s["stage"] for s in report["stages"]] == ["build", "tests", "benchmarks", "capacity", "benchmarks_compiled"]
+    stages = ["build", "tests", "device_map", "benchmarks", "capacity", "benchmarks_compiled"]
+    assert [s["stage"] for s in report["stages"]] == stages
     capacity = report["capacity"]  # the dry run's CPU budget admits the whole (small) search range
     assert capacity["max_batch"] == {"stock": 2, "dpvr": 2} and capacity["new_tokens"] == 2
+    # the device_map stage ran its CPU/disk-offload variant and passed
+    assert '"placement": "cpu+disk"' in (tmp_path / "gpu_device_map.txt").read_text()
     assert report["environment"]["torch"] == torch.__version__
     # Every CUDA-marked test was collected (and skipped here): the kit runs the whole CUDA set on a GPU.
     tests = report["tests"]

@@ -16,6 +16,7 @@ window over packed indices would be wrong).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -179,6 +180,10 @@ def dpvr_varlen_attention(
     if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
         raise RuntimeError("varlen attention expects packed [1, H, T, Dh] queries and keys of the same stream")
     q, k, v = query[0], key[0], value[0]  # [H, T, Dh]
+    if dpvr_segments.cu_seqlens.device != q.device:  # a device_map put this layer on another device than the plan
+        positions = dpvr_segments.positions
+        dpvr_segments = dataclasses.replace(dpvr_segments, cu_seqlens=dpvr_segments.cu_seqlens.to(q.device),
+                                            positions=None if positions is None else positions.to(q.device))
     if dpvr_segments.window_binds(sliding_window):
         return _sdpa_windowed(q, k, v, dpvr_segments, scale, dropout, sliding_window).unsqueeze(0), None
     path = varlen_backend(q.device, q.dtype)

@@ -175,7 +175,7 @@ class TextCacheWriter:
 
     def _pad(self, packed: Tensor) -> Tensor:
         out = packed.new_zeros(packed.shape[1], self.batch_size * self.width, packed.shape[-1])
-        out.index_copy_(1, self.slots, packed[0])
+        out.index_copy_(1, self.slots.to(out.device), packed[0])  # device_map: layers on several devices
         return out.view(packed.shape[1], self.batch_size, self.width, packed.shape[-1]).transpose(0, 1)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
@@ -226,7 +226,7 @@ def deep_decode_mask(cache, attention_mask: Tensor | None, q_len: int, batch: in
             new_valid = torch.nn.functional.pad(new_valid, (0, new_slots - new_valid.shape[1]))
     else:
         new_valid = torch.ones(batch, new_slots, dtype=torch.bool, device=device)
-    key_valid = torch.cat([text_valid, new_valid], dim=1)  # [B, K]
+    key_valid = torch.cat([text_valid.to(device), new_valid.to(device)], dim=1)  # [B, K]
     key = torch.arange(width, device=device)[None, :]
     query = torch.arange(q_len, device=device)[:, None]
     causal = key <= filled + query  # the prompt's text is visible to every new token

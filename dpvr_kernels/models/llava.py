@@ -36,7 +36,7 @@ from ..config import DPVRConfig
 from ..ops import fuse_merge, route_split
 from ..plan import build_route_plan_from_mask, packed_sequence_ids, sequence_ids_from_cu_seqlens
 from ..vision_tokens import tokens_per_image
-from . import attention, classes
+from . import attention, classes, distributed
 from .attention import ATTN_NAME, VarlenSegments
 from .cache import DPVRCache, DPVRStaticCache, TextCacheWriter, adopt_cache, deep_decode_mask, is_dpvr_cache
 
@@ -102,6 +102,9 @@ def _route_forward(lm, hidden: Tensor, image_mask: Tensor, attention_mask, posit
     state: _PatchState = lm._dpvr_state
     r, f = state.settings.route_layer, state.settings.fusion_layers
     backend = state.settings.backend
+    # Under a device_map the route layer's output may sit on another device than the masks: route there.
+    image_mask, attention_mask, position_ids, sequence_ids = distributed.to_device(
+        hidden.device, image_mask, attention_mask, position_ids, sequence_ids)
     plan = build_route_plan_from_mask(image_mask, attention_mask, position_ids, sequence_ids)
     if cache is not None and state.window is not None and plan.position_span >= state.window:
         raise _window_error(plan.position_span, state.window)
@@ -118,14 +121,15 @@ def _route_forward(lm, hidden: Tensor, image_mask: Tensor, attention_mask, posit
         for i in deep:
             text = _layer_call(lm.layers[i], text, text_cache, attention_mask=None, position_embeddings=pe,
                                position_ids=text_pos, use_cache=use_cache, dpvr_segments=segments, **layer_kwargs)
-        text = text[0]
+        text = text[0].to(hidden.device)  # a device_map may have put the last deep layer elsewhere
     elif text_cache is not None:
         # No text token in the batch (image-only prompts): the deep layers have nothing to run, but their
         # cache must exist (with zero prompt slots) for the decode steps to append to.
         cfg = lm.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         for i in deep:
-            text_cache.fill_empty(i, cfg.num_key_value_heads, head_dim, hidden.dtype, hidden.device)
+            heads = distributed.local_kv_heads(lm.layers[i], cfg.num_key_value_heads, head_dim)
+            text_cache.fill_empty(i, heads, head_dim, hidden.dtype, hidden.device)
 
     if plan.num_image:
         image_pos = plan.image_position_ids[None]
@@ -392,8 +396,7 @@ def _load_saved_side_branch(model: nn.Module, side: nn.Module) -> bool:
                     state[rest] = f.get_tensor(key)
     if not state:
         return False
-    ref = next(side.parameters())
-    side.load_state_dict({k: v.to(device=ref.device, dtype=ref.dtype) for k, v in state.items()}, strict=True)
+    distributed.load_side_branch_state(side, state)
     return True
 
 
@@ -438,7 +441,7 @@ def patch(model: nn.Module, route_layer: int | None = None, fusion_layers: int =
                         varlen_config=varlen_config)
     r, f, n = settings.route_layer, settings.fusion_layers, len(lm.layers)
 
-    side = copy.deepcopy(lm.layers[r])
+    side = distributed.copy_layer(model, lm, r)  # plain, tensor-parallel or offloaded layer r
     side.self_attn.config = varlen_config
     if saved and not _load_saved_side_branch(model, side):
         warnings.warn(
