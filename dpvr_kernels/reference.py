@@ -129,7 +129,7 @@ def reference_forward(
     if pixel_values is not None:
         vision_inputs["pixel_values"] = pixel_values
     if vision_mask is None:
-        carried = classes.carried_inputs(classes.model_class(model), (), vision_inputs)
+        carried = classes.carried_inputs(classes.model_class(model), vision_inputs)
         vision_mask = (classes.vision_mask(model.model, carried, input_ids, None) if carried
                        else torch.zeros_like(input_ids, dtype=torch.bool))
     types, window = _layer_types(lm)

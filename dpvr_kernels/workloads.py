@@ -160,7 +160,8 @@ def decode(model, batch: Batch, first_tokens: Tensor, cache, steps: int, forward
     pos = mask.sum(-1, keepdim=True) - 1
     length = mask.shape[1]
     if isinstance(cache, StaticCache):
-        mask = torch.nn.functional.pad(mask, (0, cache.layers[-1].max_cache_len - length))
+        # the largest layer's capacity (a stock sliding-window layer may hold fewer slots)
+        mask = torch.nn.functional.pad(mask, (0, max(layer.max_cache_len for layer in cache.layers) - length))
     tokens, out_tokens = first_tokens, [first_tokens]
     for i in range(steps):
         if isinstance(cache, StaticCache):

@@ -134,3 +134,24 @@ def test_unsupported_class_lists_the_supported_ones():
 
     with pytest.raises(TypeError, match="LlavaOnevisionForConditionalGeneration"):
         dpvr_kernels.patch(LlamaForCausalLM(text_config(layers=2)))
+
+
+@pytest.mark.parametrize("name", WITH_VIDEO)
+def test_positional_video_pixels_are_routed(name):
+    # model.model(input_ids, pixel_values, ...) with the video pixels by position (their index differs per class)
+    # routes the video tokens exactly as the keyword call does.
+    import inspect
+
+    model = dpvr_kernels.patch(tiny_family(name, seed=12), route_layer=2)
+    batch = family_batch(model, [["T", "V", "T", "T"], ["T", "T", "T"]], seed=13)
+    params = list(inspect.signature(type(model.model).forward).parameters)[2:]
+    values = {"pixel_values_videos": batch["pixel_values_videos"], "attention_mask": batch["attention_mask"]}
+    last = max(params.index(k) for k in values)
+    args = [values.get(p) for p in params[: last + 1]]
+    with torch.no_grad():
+        by_position = model.model(batch["input_ids"], *args, use_cache=False).last_hidden_state
+        by_name = model.model(batch["input_ids"], **values, use_cache=False).last_hidden_state
+        ref = reference_forward(model, batch["input_ids"], attention_mask=batch["attention_mask"], hidden_only=True,
+                                pixel_values_videos=batch["pixel_values_videos"])
+    assert torch.equal(by_position, by_name)
+    assert _rel_err(by_name, ref, batch["attention_mask"]) < 1e-5

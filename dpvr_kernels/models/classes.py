@@ -67,18 +67,17 @@ def model_class(model) -> ModelClass:
     )
 
 
-def _carries(kwargs: dict, args: tuple, vision: VisionInput, position: int | None) -> bool:
+def _carries(kwargs: dict, vision: VisionInput) -> bool:
     """Whether a call carries features of this input (host-side: shapes only, no device sync)."""
-    pixels = kwargs.get(vision.pixels, args[position] if position is not None and position < len(args) else None)
+    pixels = kwargs.get(vision.pixels)
     if pixels is not None and pixels.numel() > 0:
         return True
     return (kwargs.get("mm_encoder_outputs") or {}).get(vision.kind) is not None
 
 
-def carried_inputs(row: ModelClass, args: tuple, kwargs: dict) -> list[VisionInput]:
-    """The vision inputs whose features this ``model.model.forward(input_ids, *args, **kwargs)`` call carries
-    (``pixel_values`` is the first positional argument after ``input_ids`` in every supported class)."""
-    return [v for v in row.inputs if _carries(kwargs, args, v, 0 if v is IMAGE else None)]
+def carried_inputs(row: ModelClass, kwargs: dict) -> list[VisionInput]:
+    """The vision inputs whose features a ``model.model.forward`` call with these keyword arguments carries."""
+    return [v for v in row.inputs if _carries(kwargs, v)]
 
 
 def vision_mask(model, carried: list[VisionInput], input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:

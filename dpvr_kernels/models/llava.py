@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import os
 import types
@@ -236,11 +237,20 @@ def dpvr_language_forward(
     return BaseModelOutputWithPast(last_hidden_state=hidden, **{_CACHE_KW: cache})
 
 
+@functools.cache
+def _forward_params(cls: type) -> tuple[str, ...]:
+    """Names of ``cls.forward``'s parameters after ``self`` and ``input_ids`` (what positional args bind to)."""
+    return tuple(inspect.signature(cls.forward).parameters)[2:]
+
+
 def _llava_model_forward(self, input_ids: Tensor | None = None, *args, **kwargs):
     """The multimodal wrapper's forward (``model.model``): finds the vision tokens of a call that carries vision
     features (images, videos) and hands them to the language model; names the fix when their count is wrong."""
     state: _PatchState = self.language_model._dpvr_state
-    carried = classes.carried_inputs(state.model_class, args, kwargs)
+    if args:  # by name from here on: the classes put their pixel inputs at different positions
+        kwargs = {**dict(zip(_forward_params(type(self)), args, strict=False)), **kwargs}
+        args = ()
+    carried = classes.carried_inputs(state.model_class, kwargs)
     if not carried:
         # No vision features: stock embeds placeholder ids as text, and so does DPVR-LF (decode steps).
         return type(self).forward(self, input_ids, *args, **kwargs)
@@ -332,7 +342,7 @@ def _static_cache_for(model: nn.Module, gen_cfg, args: tuple, kwargs: dict) -> D
         max_new = kwargs.get("max_length", gen_cfg.max_length) - length
     text = kwargs.get("attention_mask")
     text = torch.ones(batch, length, dtype=torch.bool, device=prompt.device) if text is None else text.bool()
-    carried = classes.carried_inputs(state.model_class, (), kwargs)
+    carried = classes.carried_inputs(state.model_class, kwargs)
     if input_ids is not None and carried:
         text = text & ~classes.vision_mask(model.model, carried, input_ids, None)
     longest_text = int(text.sum(1).max())
