@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dpvr-installed
 
-.PHONY: install demo test bench lint gpu-check clean
+.PHONY: install demo test bench lint gpu-check vllm-env vllm-phase0 clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ bench: $(STAMP)
 
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# vLLM (issue 15) lives in its own venv and is never part of `make test`.
+vllm-env:
+	bash scripts/vllm_env.sh .venv-vllm
+
+vllm-phase0: vllm-env
+	VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 timeout 900 .venv-vllm/bin/python scripts/vllm_phase0.py
 
 clean:
 	rm -rf build *.egg-info dpvr_kernels/_C*.so .pytest_cache .benchmarks
