@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ SUPPORTED: dict[str, ModelClass] = {
 BY_MODEL_TYPE: dict[str, ModelClass] = {row.model_type: row for row in SUPPORTED.values()}
 
 
-def model_class(model) -> ModelClass:
+def model_class(model: nn.Module) -> ModelClass:
     """The row of ``model``'s class (or of the supported class it derives from); a clear error otherwise."""
     for cls in type(model).__mro__:
         if cls.__name__ in SUPPORTED:
@@ -80,10 +81,9 @@ def carried_inputs(row: ModelClass, kwargs: dict) -> list[VisionInput]:
     return [v for v in row.inputs if _carries(kwargs, v)]
 
 
-def vision_mask(model, carried: list[VisionInput], input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+def vision_mask(model: nn.Module, carried: list[VisionInput], input_ids: Tensor | None,
+                inputs_embeds: Tensor | None) -> Tensor:
     """bool ``[B, L]``: the placeholders of the carried inputs, found as stock finds them (ids, or embeddings)."""
-    import torch
-
     mask = None
     for vision in carried:
         token = getattr(model.config, vision.token_id)
