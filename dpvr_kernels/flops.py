@@ -361,6 +361,16 @@ class CostReport:
         """Tokens per sample in the prompt (image + text)."""
         return self.image_tokens + self.text_tokens
 
+    def _context(self, context_len: int | None) -> int:
+        """Tokens per sample in the stock cache: the prompt length by default, never less."""
+        context = self.prompt_len if context_len is None else as_int(context_len, "context_len")
+        if context < self.prompt_len:
+            raise ValueError(
+                f"context_len={context} is shorter than the prompt ({self.prompt_len} tokens per sample); "
+                f"pass the number of tokens already cached, at least the prompt length"
+            )
+        return context
+
     def decode_flops_per_token(self, context_len: int | None = None) -> tuple[int, int]:
         """FLOPs of one decode step (one new text token per sample, whole batch), ``(stock, dpvr)``.
 
@@ -373,12 +383,7 @@ class CostReport:
         Returns:
             ``(stock_flops, dpvr_flops)``: linear + lm_head FLOPs are equal, attention FLOPs differ.
         """
-        context = self.prompt_len if context_len is None else as_int(context_len, "context_len")
-        if context < self.prompt_len:
-            raise ValueError(
-                f"context_len={context} is shorter than the prompt ({self.prompt_len} tokens per sample); "
-                f"pass the number of tokens already cached, at least the prompt length"
-            )
+        context = self._context(context_len)
         n, r, f = self.num_layers, self.route_layer, self.fusion_layers
         full_layers = r + f
         text_layers = n - f - r
@@ -395,12 +400,7 @@ class CostReport:
         Args:
             context_len: tokens per sample in the **stock** cache, as in :meth:`decode_flops_per_token`.
         """
-        context = self.prompt_len if context_len is None else as_int(context_len, "context_len")
-        if context < self.prompt_len:
-            raise ValueError(
-                f"context_len={context} is shorter than the prompt ({self.prompt_len} tokens per sample); "
-                f"pass the number of tokens already cached, at least the prompt length"
-            )
+        context = self._context(context_len)
         n, r, f = self.num_layers, self.route_layer, self.fusion_layers
         per_token_layer = self.kv_bytes_stock // (self.batch * n * self.prompt_len)
         stock_kv = self.batch * per_token_layer * n * context

@@ -122,17 +122,11 @@ def static_cache(model, batch: Batch, steps: int):
     the longest text stream (prompt text + new tokens) only."""
     from transformers import StaticCache
 
-    from .models.cache import DPVRStaticCache
-    from .models.llava import is_patched
+    from .models.llava import is_patched, text_static_cache
 
-    length = batch.input_ids.shape[1]
     if not is_patched(model):
-        return StaticCache(config=model.config, max_cache_len=length + steps)
-    text = batch.attention_mask.bool() & (batch.input_ids != model.config.image_token_id)
-    dpvr = model.config.dpvr
-    return DPVRStaticCache(config=model.config, max_cache_len=length + steps,
-                           text_cache_len=int(text.sum(1).max()) + steps, route_layer=dpvr["route_layer"],
-                           fusion_layers=dpvr["fusion_layers"])
+        return StaticCache(config=model.config, max_cache_len=batch.input_ids.shape[1] + steps)
+    return text_static_cache(model, batch.input_ids, batch.attention_mask, steps, batch.as_kwargs())
 
 
 def prefill(model, batch: Batch, use_cache: bool = True, cache=None):

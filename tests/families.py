@@ -8,6 +8,7 @@ inputs are what each class's processor would make for images of the sizes used h
 from __future__ import annotations
 
 import torch
+from tiny import pad_rows
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -147,11 +148,5 @@ def family_batch(model, layouts: list[list[str]], seed: int = 0, left_pad: bool 
             else:
                 ids.append(int(torch.randint(1, IMAGE - 1, (1,), generator=g)))
         rows.append(ids)
-    length = max(len(r) for r in rows)
-    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, ids in enumerate(rows):
-        sl = slice(length - len(ids), length) if left_pad else slice(0, len(ids))
-        input_ids[b, sl] = torch.tensor(ids)
-        mask[b, sl] = 1
+    input_ids, mask = pad_rows(rows, left_pad)
     return {"input_ids": input_ids, "attention_mask": mask, **inputs}

@@ -42,6 +42,18 @@ def tiny_llava(backbone: str = "llama", layers: int = 6, kv_heads: int = 2, attn
     return model.to(dtype).eval()
 
 
+def pad_rows(rows: list[list[int]], left_pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded (id 0) to one length: ``input_ids`` and ``attention_mask`` ``[B, L]``."""
+    length = max(len(r) for r in rows)
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, ids in enumerate(rows):
+        sl = slice(length - len(ids), length) if left_pad else slice(0, len(ids))
+        input_ids[b, sl] = torch.tensor(ids)
+        mask[b, sl] = 1
+    return input_ids, mask
+
+
 def make_batch(layouts: list[list[str]], seed: int = 0, dtype: torch.dtype = torch.float32, left_pad: bool = True):
     """Inputs from per-sample token layouts: 'T' text token, 'I' one image (4 tokens), padded to one length.
 
@@ -58,12 +70,6 @@ def make_batch(layouts: list[list[str]], seed: int = 0, dtype: torch.dtype = tor
             else:
                 ids.append(int(torch.randint(1, IMAGE_TOKEN - 1, (1,), generator=g)))
         rows.append(ids)
-    length = max(len(r) for r in rows)
-    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, ids in enumerate(rows):
-        sl = slice(length - len(ids), length) if left_pad else slice(0, len(ids))
-        input_ids[b, sl] = torch.tensor(ids)
-        mask[b, sl] = 1
+    input_ids, mask = pad_rows(rows, left_pad)
     pixel_values = torch.randn(n_images, 3, 28, 28, generator=g).to(dtype) if n_images else None
     return input_ids, mask, pixel_values

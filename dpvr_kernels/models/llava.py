@@ -328,27 +328,34 @@ def _masks_for_generate(self, attention_mask=None, cache=None, **kwargs):
     return torch.nn.functional.pad(attention_mask, (0, capacity - attention_mask.shape[1]))
 
 
-def _static_cache_for(model: nn.Module, gen_cfg, args: tuple, kwargs: dict) -> DPVRStaticCache:
-    """The static cache of one generate call: stock capacity (prompt + new tokens - 1) for the layers that hold
-    every token, the longest text stream + new tokens - 1 for the deep layers (one host sync per call)."""
+def text_static_cache(model: nn.Module, prompt: Tensor, attention_mask: Tensor | None, fed: int,
+                      vision_inputs: dict) -> DPVRStaticCache:
+    """A static cache for ``prompt`` (``input_ids`` or ``inputs_embeds``) and ``fed`` tokens fed after it: every
+    token for the layers that hold every token, the longest text stream + ``fed`` for the deep layers (one host
+    sync). Vision tokens are those of the inputs ``vision_inputs`` carries (e.g. ``pixel_values``)."""
     state: _PatchState = model.model.language_model._dpvr_state
+    batch, length = prompt.shape[:2]
+    text = (torch.ones(batch, length, dtype=torch.bool, device=prompt.device) if attention_mask is None
+            else attention_mask.bool())
+    carried = classes.carried_inputs(state.model_class, vision_inputs)
+    if carried and not prompt.is_floating_point():  # ids (embeddings carry no ids: every slot counts as text)
+        text = text & ~classes.vision_mask(model.model, carried, prompt, None)
+    longest_text = int(text.sum(1).max())
+    return DPVRStaticCache(config=model.config, max_cache_len=length + fed, text_cache_len=longest_text + fed,
+                           route_layer=state.settings.route_layer, fusion_layers=state.settings.fusion_layers)
+
+
+def _static_cache_for(model: nn.Module, gen_cfg, args: tuple, kwargs: dict) -> DPVRStaticCache:
+    """The static cache of one generate call, sized as stock sizes it: prompt + new tokens - 1 (the last new
+    token is never fed back), the deep layers for text only."""
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     if prompt is None:
         raise ValueError("generate(cache_implementation='static') under DPVR-LF needs input_ids or inputs_embeds")
-    batch, length = prompt.shape[:2]
     max_new = kwargs.get("max_new_tokens", getattr(gen_cfg, "max_new_tokens", None))
     if max_new is None:
-        max_new = kwargs.get("max_length", gen_cfg.max_length) - length
-    text = kwargs.get("attention_mask")
-    text = torch.ones(batch, length, dtype=torch.bool, device=prompt.device) if text is None else text.bool()
-    carried = classes.carried_inputs(state.model_class, kwargs)
-    if input_ids is not None and carried:
-        text = text & ~classes.vision_mask(model.model, carried, input_ids, None)
-    longest_text = int(text.sum(1).max())
-    fed = max_new - 1  # as stock sizes it: the last new token is never fed back
-    return DPVRStaticCache(config=model.config, max_cache_len=length + fed, text_cache_len=longest_text + fed,
-                           route_layer=state.settings.route_layer, fusion_layers=state.settings.fusion_layers)
+        max_new = kwargs.get("max_length", gen_cfg.max_length) - prompt.shape[1]
+    return text_static_cache(model, prompt, kwargs.get("attention_mask"), max_new - 1, kwargs)
 
 
 # ---------------------------------------------------------------------------------------- patch/unpatch
