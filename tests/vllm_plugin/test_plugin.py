@@ -1,0 +1,108 @@
+"""The vLLM plugin (issue 15): greedy tokens of vLLM with DPVR-LF equal the package's HF DPVR-LF ``generate`` on
+the same folder, prompts and images, for requests of different lengths batched together by vLLM's scheduler;
+stock vLLM vs stock HF is the control. Runs in the vLLM environment only: ``make vllm-test``."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+from vllm_folders import ROUTE_LAYER, make_dpvr_folder, make_stock_folder, prompts
+
+import dpvr_kernels
+from dpvr_kernels.vllm import ARCHITECTURE, REQUIRED_ENGINE_ARGS
+
+vllm = pytest.importorskip("vllm", reason="the vLLM environment: make vllm-env && make vllm-test")
+if not os.environ.get("DPVR_VLLM_TESTS"):  # collected only by make vllm-test (tests/conftest.py)
+    raise RuntimeError("run these tests with make vllm-test")
+
+NEW_TOKENS = [6, 9, 4, 7, 5]  # different lengths: requests finish at different steps, others join mid-decode
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_models")
+    stock = make_stock_folder(root / "stock")
+    return stock, make_dpvr_folder(stock, root / "dpvr")
+
+
+def hf_greedy(folder, patched: bool) -> tuple[list[list[int]], list[list[float]]]:
+    """Per prompt, one at a time: greedy tokens and their log-probabilities from HF ``generate``."""
+    proc = AutoProcessor.from_pretrained(folder)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    if patched:
+        dpvr_kernels.patch(model)  # route layer and the trained side branch come from the checkpoint
+        assert model.config.dpvr["route_layer"] == ROUTE_LAYER
+    tokens, logprobs = [], []
+    for (text, imgs), n in zip(prompts(), NEW_TOKENS, strict=True):
+        inputs = proc(images=imgs or None, text=text, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+        new = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        tokens.append(new)
+        logprobs.append([torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, new, strict=True)])
+    return tokens, logprobs
+
+
+def vllm_greedy(folder, **engine) -> tuple[list[list[int]], list[list[float]]]:
+    """All prompts submitted together; at most 3 running at once, so new prefills join running decodes."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(folder), dtype="float32", max_model_len=256, max_num_seqs=3, max_num_batched_tokens=512,
+              limit_mm_per_prompt={"image": 2}, seed=0, **engine)
+    reqs = [{"prompt": t, "multi_modal_data": {"image": imgs}} if imgs else {"prompt": t} for t, imgs in prompts()]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True, logprobs=0)
+              for n in NEW_TOKENS]
+    outs = llm.generate(reqs, params)
+    del llm
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    logprobs = [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]
+                for o in outs]
+    return tokens, logprobs
+
+
+def greedy_error(got, want, what: str) -> float:
+    """Asserts the greedy tokens are equal; returns the largest log-probability difference of those tokens."""
+    (got_tokens, got_lp), (want_tokens, want_lp) = got, want
+    assert got_tokens == want_tokens, f"{what}: tokens differ\n got  {got_tokens}\n want {want_tokens}"
+    worst = max(abs(a - b) for g, w in zip(got_lp, want_lp, strict=True) for a, b in zip(g, w, strict=True))
+    assert math.isfinite(worst), f"{what}: log-probabilities are not finite"
+    return worst
+
+
+@pytest.fixture(scope="module")
+def stock_error(folders) -> float:
+    """The control: stock vLLM on the stock folder gives stock HF's tokens; how far its log-probs are from HF's
+    (vLLM's kernels sum in another order) is the yardstick for the plugin."""
+    stock, _ = folders
+    return greedy_error(vllm_greedy(stock, **REQUIRED_ENGINE_ARGS), hf_greedy(stock, patched=False), "stock")
+
+
+def test_stock_vllm_matches_stock_hf(stock_error):
+    assert stock_error < 0.05, f"stock vLLM and stock HF differ by {stock_error:.2e} in log-probability"
+
+
+def test_plugin_matches_hf_dpvr_generate(folders, stock_error):
+    """DPVR-LF in vLLM == DPVR-LF in HF, token for token, for 5 requests of different lengths (0, 1 and 2
+    images) batched by vLLM's scheduler, log-probs within twice the control's error; and DPVR-LF's answers are
+    not stock's (the plugin really routes)."""
+    stock, dpvr = folders
+    want = hf_greedy(dpvr, patched=True)
+    error = greedy_error(vllm_greedy(dpvr, **REQUIRED_ENGINE_ARGS), want, "DPVR-LF")
+    print(f"log-prob error vs HF: DPVR-LF {error:.2e}, stock (control) {stock_error:.2e}")
+    assert error <= 2 * stock_error + 1e-5, f"DPVR-LF log-probs differ by {error:.2e} (control {stock_error:.2e})"
+    stock_tokens, _ = hf_greedy(stock, patched=False)
+    with_images = [i for i, (_, imgs) in enumerate(prompts()) if imgs]
+    assert any(want[0][i] != stock_tokens[i] for i in with_images), "DPVR-LF gave stock's answers: nothing routed?"
+
+
+@pytest.mark.parametrize("flag", sorted(REQUIRED_ENGINE_ARGS))
+def test_plugin_refuses_engine_settings_it_cannot_serve_exactly(folders, flag):
+    _, dpvr = folders
+    engine = {**REQUIRED_ENGINE_ARGS, flag: not REQUIRED_ENGINE_ARGS[flag]}
+    with pytest.raises(Exception, match=f"{ARCHITECTURE}.*needs.*{flag}"):
+        vllm_greedy(dpvr, **engine)

@@ -1,0 +1,101 @@
+"""Tiny random LLaVA checkpoints for the vLLM plugin tests: a stock folder and its DPVR-LF twin (patched, side
+branch trained away from its initial copy, saved, marked with ``prepare_checkpoint``), and prompts of different
+lengths with 0, 1 and 2 images."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from model_folder import CHAT_TEMPLATE, VOCAB, word_tokenizer
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+import dpvr_kernels
+from dpvr_kernels.vllm import prepare_checkpoint
+
+IMAGE_SIZE, PATCH = 56, 14  # 16 vision tokens per image
+ROUTE_LAYER = 3
+NUM_LAYERS = 6
+
+
+def make_stock_folder(folder: Path, seed: int = 3) -> Path:
+    """A LLaVA-1.5-style model vLLM's CPU attention can run (head size 32, GQA 4:2), with its processor."""
+    tokenizer = word_tokenizer()
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                           crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, patch_size=PATCH, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=NUM_LAYERS,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=2,
+                       eos_token_id=3, pad_token_id=1)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32)
+    cfg = LlavaConfig(text_config=text, vision_config=vision,
+                      image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                      vision_feature_select_strategy="default", vision_feature_layer=-2)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # larger random weights: peaked logits, so greedy answers are not one repeated token
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    # transformers 5 saves the CLIP tower flattened ([model.]vision_tower.embeddings...); stock vLLM 0.32 loads the
+    # llava-hf layout (model.vision_tower.vision_model.embeddings...), which transformers also reads: use that.
+    path = folder / "model.safetensors"
+    flat = re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)")
+    state = {flat.sub(r"\1vision_model.", k): v for k, v in load_file(path).items()}
+    save_file(state, path, metadata={"format": "pt"})
+    return folder
+
+
+def make_dpvr_folder(stock: Path, folder: Path, seed: int = 4) -> Path:
+    """The stock model patched at ``ROUTE_LAYER``, its side branch moved off layer r's copy (as training
+    would), saved and prepared for the vLLM plugin."""
+    model = LlavaForConditionalGeneration.from_pretrained(stock, dtype=torch.float32).eval()
+    dpvr_kernels.patch(model, route_layer=ROUTE_LAYER)
+    side = model.model.language_model.dpvr_side_branch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in side.parameters():
+            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja",
+                 "preprocessor_config.json", "special_tokens_map.json"):
+        if (stock / name).exists():
+            shutil.copy(stock / name, folder / name)
+    prepare_checkpoint(folder)
+    return folder
+
+
+def images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 48, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def prompts() -> list[tuple[str, list[Image.Image]]]:
+    """Requests of different lengths: one image early or late, two images, and no image at all."""
+    one, two, three, four = images(4)
+    return [
+        ("USER : <image> what is in the picture ASSISTANT :", [one]),
+        ("USER : describe the red house and the blue sun please <image> ASSISTANT :", [two]),
+        ("USER : what is in the picture", []),
+        ("USER : <image> a cat <image> a dog what is it ASSISTANT :", [three, four]),
+        ("USER : <image> tree ASSISTANT :", [four]),
+    ]
