@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dpvr-installed
 
-.PHONY: install demo test bench lint gpu-check vllm-env vllm-phase0 clean
+.PHONY: install demo test bench lint gpu-check vllm-env vllm-phase0 vllm-test vllm-bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,16 @@ vllm-env:
 
 vllm-phase0: vllm-env
 	VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 timeout 900 .venv-vllm/bin/python scripts/vllm_phase0.py
+
+# The plugin's tests: vLLM with DPVR-LF == HF DPVR-LF generate, stock control, TP 2, refusals (about 1 min).
+vllm-test: vllm-env
+	DPVR_VLLM_TESTS=1 HF_HUB_OFFLINE=1 timeout 1800 .venv-vllm/bin/python -m pytest tests/vllm_plugin -q
+
+# vLLM throughput stock vs plugin at 8 concurrent requests; tables in benchmarks/results/vllm_cpu.{md,json}.
+vllm-bench: vllm-env
+	DPVR_VLLM_TESTS=1 HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=2 \
+	DPVR_BENCH_OUT=benchmarks/results/vllm_cpu.md DPVR_BENCH_JSON=benchmarks/results/vllm_cpu.json \
+	timeout 1800 .venv-vllm/bin/python -m pytest benchmarks/test_bench_vllm_serving.py --benchmark-only -q
 
 clean:
 	rm -rf build *.egg-info dpvr_kernels/_C*.so .pytest_cache .benchmarks

@@ -22,6 +22,9 @@ import torch
 from shapes import CONFIG, DEVICE, DTYPE
 from timing import QUICK, median_s
 
+# The vLLM serving benchmark runs in the vLLM environment only (make vllm-bench sets DPVR_VLLM_TESTS).
+collect_ignore = [] if os.environ.get("DPVR_VLLM_TESTS") else ["test_bench_vllm_serving.py"]
+
 
 @dataclass
 class Row:

@@ -37,6 +37,6 @@ if marker not in text and "PHASE0 WORKAROUND" not in text:
 print(f"vllm_env: torchvision patched ({init})")
 EOF
 
-"$PY" -m pip install -q ninja pybind11 pytest
+"$PY" -m pip install -q ninja pybind11 pytest pytest-benchmark
 DPVR_NO_CUDA=1 "$PY" -m pip install -q -e . --no-build-isolation --no-deps
 "$PY" -c "import vllm, torch, transformers, dpvr_kernels; print(f'vllm_env: vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, dpvr_kernels OK')"

@@ -128,9 +128,6 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """vLLM's LLaVA with DPVR-LF: route at layer ``r``, a one-layer side branch, text-only layers ``[r, N-f)``
     with a text-only KV cache, fusion layers ``[N-f, N)``. Settings from ``config.dpvr`` of the checkpoint."""
 
-    # The raw token ids (not only the merged embeddings) come to forward(): they say which tokens are vision.
-    requires_raw_input_tokens = True
-
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         _refuse_engine_settings(vllm_config)
@@ -147,7 +144,6 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         settings = DPVRConfig.from_dict(saved)
         self.route_layer, self.fusion_layers = validate_route(num_layers, settings.route_layer, settings.fusion_layers)
         self.backend = settings.backend
-        self.image_token_id = config.image_token_index
         layer_cls = type(decoder.layers[0])
         if not issubclass(layer_cls, LlamaDecoderLayer):
             raise NotImplementedError(
@@ -176,6 +172,9 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self._full_name = decoder.layers[0].self_attn.attn.layer_name
         self._vllm_config = vllm_config
         self._text_builder = None
+        # vLLM's own mask of the step's multimodal placeholder positions (the vision tokens), from embed_input_ids.
+        # Not input_ids == image_token_id: a generated token may carry that id, and vLLM embeds it as text.
+        self._vision_mask: Tensor | None = None
         # Vision tokens of each running request, keyed by its first KV block (unique per live request when
         # prefix caching is off): decode steps need them to place the request's text tokens in the deep KV.
         self._vision_counts: dict[int, int] = {}
@@ -189,6 +188,12 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return super().load_weights((flat.sub(lambda m: m.group(0) + "vision_model.", k), w) for k, w in weights)
 
     # ------------------------------------------------------------------------------------------- forward
+
+    def embed_input_ids(self, input_ids: Tensor, multimodal_embeddings=None, *,
+                        is_multimodal: Tensor | None = None) -> Tensor:
+        # vLLM's runner calls this for every step, just before forward(), with the step's scheduled tokens.
+        self._vision_mask = is_multimodal if is_multimodal is not None else torch.zeros_like(input_ids, dtype=bool)
+        return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
 
     def forward(self, input_ids: Tensor | None, positions: Tensor, intermediate_tensors=None,
                 inputs_embeds: Tensor | None = None, **kwargs: object) -> Tensor:
@@ -206,7 +211,7 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             for i in self.deep_layers:
                 hidden, residual = decoder.layers[i](positions, hidden, residual)
         else:
-            hidden, residual = self._route_text_stream_and_fuse(input_ids, positions, hidden, residual,
+            hidden, residual = self._route_text_stream_and_fuse(positions, hidden, residual,
                                                                 attn_metadata[self._full_name])
 
         for layer in decoder.layers[num_layers - self.fusion_layers :]:
@@ -214,10 +219,8 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         hidden, _ = decoder.norm(hidden, residual)
         return hidden
 
-    def _route_text_stream_and_fuse(self, input_ids: Tensor, positions: Tensor, hidden: Tensor,
-                                    residual: Tensor | None, step) -> tuple[Tensor, Tensor]:
-        if input_ids is None:
-            raise RuntimeError(f"{ARCHITECTURE}: vLLM passed no input_ids; the vision tokens cannot be found")
+    def _route_text_stream_and_fuse(self, positions: Tensor, hidden: Tensor, residual: Tensor | None,
+                                    step) -> tuple[Tensor, Tensor]:
         decoder = self.language_model.model
         n = hidden.shape[0]
         query_start = step.query_start_loc.to(torch.long)
@@ -227,7 +230,15 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # One sequence per request; tokens past the scheduled ones (padding) are pad.
         sequence = (torch.bucketize(token, query_start[1:].to(hidden.device), right=True)).clamp(max=num_reqs - 1)
         valid = token < num_actual
-        vision = (input_ids == self.image_token_id) & valid
+        marked, self._vision_mask = self._vision_mask, None
+        if marked is None or marked.numel() != num_actual:
+            raise RuntimeError(
+                f"{ARCHITECTURE}: the vision-token mask of this step ({num_actual} tokens) is missing or stale: vLLM's "
+                "runner did not call embed_input_ids before forward, which vLLM 0.32's runner does for every "
+                "multimodal step; please report this with the engine arguments"
+            )
+        vision = torch.zeros_like(valid)
+        vision[:num_actual] = marked.to(device=valid.device, dtype=torch.bool)
         plan = build_route_plan_from_mask(vision[None], valid[None], positions[None], sequence[None])
 
         if residual is None:  # route layer 0: the pre-route state is the embedding alone

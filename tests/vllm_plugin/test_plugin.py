@@ -4,8 +4,10 @@ stock vLLM vs stock HF is the control. Runs in the vLLM environment only: ``make
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -100,9 +102,54 @@ def test_plugin_matches_hf_dpvr_generate(folders, stock_error):
     assert any(want[0][i] != stock_tokens[i] for i in with_images), "DPVR-LF gave stock's answers: nothing routed?"
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallel 2 needs 2 CPU cores, one per rank")
+def test_plugin_tensor_parallel_2_matches_hf_dpvr_generate(folders, stock_error, monkeypatch):
+    """Under tensor parallelism (2 CPU ranks, gloo) the side branch and the deep layers run on each rank's
+    heads; the answers are the same."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank (vLLM cannot bind on one NUMA node)
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    _, dpvr = folders
+    error = greedy_error(vllm_greedy(dpvr, tensor_parallel_size=2, **REQUIRED_ENGINE_ARGS),
+                         hf_greedy(dpvr, patched=True), "DPVR-LF, TP 2")
+    assert error <= 2 * stock_error + 1e-5, f"DPVR-LF TP 2 log-probs differ by {error:.2e} (control {stock_error:.2e})"
+
+
+def test_a_generated_image_token_id_is_text(folders):
+    """A decode step whose token happens to be the image token id is text to vLLM (embedded from the vocabulary,
+    not a placeholder); the plugin routes by vLLM's placeholder mask, so it keeps serving instead of failing."""
+    from vllm import LLM, SamplingParams
+
+    _, dpvr = folders
+    image_id = LlavaForConditionalGeneration.config_class.from_pretrained(dpvr).image_token_index
+    llm = LLM(model=str(dpvr), dtype="float32", max_model_len=256, limit_mm_per_prompt={"image": 1}, seed=0,
+              **REQUIRED_ENGINE_ARGS)
+    text, imgs = prompts()[0]
+    params = SamplingParams(temperature=0.0, max_tokens=4, min_tokens=4, ignore_eos=True, logit_bias={image_id: 100})
+    (out,) = llm.generate([{"prompt": text, "multi_modal_data": {"image": imgs}}], params)
+    del llm
+    assert list(out.outputs[0].token_ids) == [image_id] * 4
+
+
 @pytest.mark.parametrize("flag", sorted(REQUIRED_ENGINE_ARGS))
 def test_plugin_refuses_engine_settings_it_cannot_serve_exactly(folders, flag):
     _, dpvr = folders
     engine = {**REQUIRED_ENGINE_ARGS, flag: not REQUIRED_ENGINE_ARGS[flag]}
     with pytest.raises(Exception, match=f"{ARCHITECTURE}.*needs.*{flag}"):
         vllm_greedy(dpvr, **engine)
+
+
+def test_model_module_refuses_other_vllm_versions(monkeypatch):
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    monkeypatch.delitem(sys.modules, "dpvr_kernels.vllm.model", raising=False)
+    with pytest.raises(ImportError, match=r"tested against vLLM 0\.32\.0, but vLLM 0\.33\.0 is installed"):
+        importlib.import_module("dpvr_kernels.vllm.model")
+
+
+def test_entry_point_registers_the_dpvr_class():
+    from importlib.metadata import entry_points
+
+    from vllm import ModelRegistry
+
+    (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.value == "dpvr_kernels.vllm:register"]
+    ep.load()()
+    assert ARCHITECTURE in ModelRegistry.get_supported_archs()

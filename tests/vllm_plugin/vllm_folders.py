@@ -30,20 +30,22 @@ ROUTE_LAYER = 3
 NUM_LAYERS = 6
 
 
-def make_stock_folder(folder: Path, seed: int = 3) -> Path:
-    """A LLaVA-1.5-style model vLLM's CPU attention can run (head size 32, GQA 4:2), with its processor."""
+def make_stock_folder(folder: Path, seed: int = 3, hidden: int = 128, heads: int = 4, kv_heads: int = 2,
+                      layers: int = NUM_LAYERS, image_size: int = IMAGE_SIZE, intermediate: int | None = None) -> Path:
+    """A LLaVA-1.5-style model vLLM's CPU attention can run (head size ``hidden / heads`` in 32, 64, ...;
+    by default 32 with GQA 4:2), with its processor; ``(image_size / 14)**2`` vision tokens per image."""
     tokenizer = word_tokenizer()
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                           crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                           crop_size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, patch_size=PATCH, vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=NUM_LAYERS,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=2,
-                       eos_token_id=3, pad_token_id=1)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=2048, bos_token_id=2, eos_token_id=3, pad_token_id=1)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32)
+                              image_size=image_size, patch_size=PATCH, projection_dim=32)
     cfg = LlavaConfig(text_config=text, vision_config=vision,
                       image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                       vision_feature_select_strategy="default", vision_feature_layer=-2)
@@ -65,11 +67,11 @@ def make_stock_folder(folder: Path, seed: int = 3) -> Path:
     return folder
 
 
-def make_dpvr_folder(stock: Path, folder: Path, seed: int = 4) -> Path:
-    """The stock model patched at ``ROUTE_LAYER``, its side branch moved off layer r's copy (as training
-    would), saved and prepared for the vLLM plugin."""
+def make_dpvr_folder(stock: Path, folder: Path, seed: int = 4, route_layer: int | None = ROUTE_LAYER) -> Path:
+    """The stock model patched at ``route_layer`` (None: the default), its side branch moved off layer r's copy
+    (as training would), saved and prepared for the vLLM plugin."""
     model = LlavaForConditionalGeneration.from_pretrained(stock, dtype=torch.float32).eval()
-    dpvr_kernels.patch(model, route_layer=ROUTE_LAYER)
+    dpvr_kernels.patch(model, route_layer=route_layer)
     side = model.model.language_model.dpvr_side_branch
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -1,0 +1,39 @@
+"""dpvr_kernels.vllm.prepare_checkpoint: marks a saved DPVR-LF checkpoint for the vLLM plugin (no vLLM needed)."""
+
+import json
+
+import pytest
+import torch
+from model_folder import make_llava_folder, make_llava_next_folder
+from transformers import LlavaForConditionalGeneration
+
+import dpvr_kernels
+from dpvr_kernels.vllm import ARCHITECTURE, prepare_checkpoint
+
+
+def test_prepare_checkpoint_marks_a_saved_patched_model(tmp_path):
+    stock = make_llava_folder(tmp_path / "stock")
+    model = LlavaForConditionalGeneration.from_pretrained(stock, dtype=torch.float32)
+    dpvr_kernels.patch(model, route_layer=1)
+    with torch.no_grad():
+        model.model.language_model.dpvr_side_branch.mlp.down_proj.weight.add_(0.5)
+    model.save_pretrained(tmp_path / "dpvr")
+    path = prepare_checkpoint(tmp_path / "dpvr")
+    config = json.loads(open(path).read())
+    assert config["architectures"] == [ARCHITECTURE]
+    assert config["dpvr"]["route_layer"] == 1
+    # transformers still loads it, and patch() restores the trained side branch from it
+    again = dpvr_kernels.patch(LlavaForConditionalGeneration.from_pretrained(tmp_path / "dpvr", dtype=torch.float32))
+    torch.testing.assert_close(again.model.language_model.dpvr_side_branch.mlp.down_proj.weight,
+                               model.model.language_model.dpvr_side_branch.mlp.down_proj.weight, rtol=0, atol=0)
+
+
+def test_prepare_checkpoint_refuses_what_the_plugin_cannot_serve(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        prepare_checkpoint(tmp_path)
+    stock = make_llava_folder(tmp_path / "stock")
+    with pytest.raises(ValueError, match="no 'dpvr' settings.*dpvr_kernels.patch"):
+        prepare_checkpoint(stock)
+    nxt = make_llava_next_folder(tmp_path / "next")
+    with pytest.raises(ValueError, match="model_type is 'llava_next'"):
+        prepare_checkpoint(nxt)
