@@ -167,6 +167,12 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                                                   stock_attn.head_size, stock_attn.impl.scale, window)
         setattr(decoder, SIDE_BRANCH, side)
 
+        backend = decoder.layers[0].self_attn.attn.get_attn_backend().get_name()
+        if backend not in SUPPORTED_ATTENTION_BACKENDS:
+            raise NotImplementedError(
+                f"{ARCHITECTURE}: the deep layers' text-only attention metadata is implemented and tested for the "
+                f"{SUPPORTED_ATTENTION_BACKENDS} attention backend(s) (vLLM's CPU build); this engine uses {backend}"
+            )
         self.deep_layers = range(self.route_layer, num_layers - self.fusion_layers)
         self._deep_names = [decoder.layers[i].self_attn.attn.layer_name for i in self.deep_layers]
         self._full_name = decoder.layers[0].self_attn.attn.layer_name
@@ -279,11 +285,6 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if self._text_builder is None:
             layer = get_forward_context().no_compile_layers[self._deep_names[0]]
             backend = layer.get_attn_backend()
-            if backend.get_name() not in SUPPORTED_ATTENTION_BACKENDS:
-                raise NotImplementedError(
-                    f"{ARCHITECTURE}: the deep layers' text-only attention metadata is implemented and tested for "
-                    f"{SUPPORTED_ATTENTION_BACKENDS}; this engine uses {backend.get_name()}"
-                )
             spec = dataclasses.replace(layer.get_kv_cache_spec(self._vllm_config), block_size=self._block_size())
             self._text_builder = backend.get_builder_cls()(spec, self._deep_names, self._vllm_config,
                                                            layer.kv_cache.device)

