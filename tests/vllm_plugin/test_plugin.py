@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
-from vllm_folders import ROUTE_LAYER, make_dpvr_folder, make_stock_folder, prompts
+from vllm_folders import ROUTE_LAYER, images, kv_capacity, make_dpvr_folder, make_stock_folder, prompts
 
 import dpvr_kernels
 from dpvr_kernels.vllm import ARCHITECTURE, REQUIRED_ENGINE_ARGS
@@ -128,6 +128,32 @@ def test_a_generated_image_token_id_is_text(folders):
     (out,) = llm.generate([{"prompt": text, "multi_modal_data": {"image": imgs}}], params)
     del llm
     assert list(out.outputs[0].token_ids) == [image_id] * 4
+
+
+def test_deep_layers_hold_blocks_for_text_tokens_only_so_more_requests_fit(tmp_path, monkeypatch):
+    """Phase 2: the deep layers are their own KV cache group, sized per request for its text tokens; in the same KV
+    memory vLLM then runs more requests at once than stock (each request: 256 vision + 10 text tokens)."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")  # it would override kv_cache_memory_bytes
+    stock = make_stock_folder(tmp_path / "stock", image_size=224)
+    dpvr = make_dpvr_folder(stock, tmp_path / "dpvr")
+    reqs = [{"prompt": "USER : <image> what is in the picture ASSISTANT :", "multi_modal_data": {"image": im}}
+            for im in images(16)]
+    memory = 6 * 2**20
+    got = {name: kv_capacity(folder, reqs, kv_cache_memory_bytes=memory) for name, folder in
+           (("stock", stock), ("dpvr", dpvr))}
+    assert got["stock"]["groups"] == [("FullAttentionSpec", 6)]
+    # layers 0-2 and 5 in two full groups, the deep layers 3-4 in the text-only group (2 layers per group)
+    assert got["dpvr"]["groups"] == [("FullAttentionSpec", 2), ("FullAttentionSpec", 2), ("TextOnlyAttentionSpec", 2)]
+    tokens = 256 + 10 + 1  # the prefill step's slots: prompt + the first new token
+    full, text = math.ceil(tokens / 32), math.ceil((tokens - 256) / 32)
+    assert got["stock"]["blocks_per_request"] == [[full]]
+    assert got["dpvr"]["blocks_per_request"] == [[full], [full], [text]]
+    # the same bytes: 6-layer blocks for stock, 2-layer blocks for DPVR-LF
+    assert got["dpvr"]["num_blocks"] == 3 * got["stock"]["num_blocks"]
+    per_request = {"stock": 6 * full, "dpvr": 2 * (2 * full + text)}  # layer-blocks
+    for name, result in got.items():
+        assert result["peak_running"] == min(len(reqs), 6 * got["stock"]["num_blocks"] // per_request[name]), name
+    assert got["dpvr"]["peak_running"] > got["stock"]["peak_running"]
 
 
 @pytest.mark.parametrize("flag", sorted(REQUIRED_ENGINE_ARGS))

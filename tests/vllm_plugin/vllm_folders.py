@@ -101,3 +101,37 @@ def prompts() -> list[tuple[str, list[Image.Image]]]:
         ("USER : <image> a cat <image> a dog what is it ASSISTANT :", [three, four]),
         ("USER : <image> tree ASSISTANT :", [four]),
     ]
+
+
+def kv_capacity(folder: Path, requests: list[dict], kv_cache_memory_bytes: int, new_tokens: int = 4,
+                block_size: int = 32, max_model_len: int = 1024) -> dict:
+    """Serve ``requests`` all at once from a KV cache of ``kv_cache_memory_bytes`` and count what fits: the KV
+    groups (spec, layers), the blocks in the pool, each group's blocks per request after the prefill step, and the
+    most requests running at once. The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    from vllm import LLM, SamplingParams
+
+    from dpvr_kernels.vllm import REQUIRED_ENGINE_ARGS
+
+    llm = LLM(model=str(folder), dtype="float32", max_model_len=max_model_len, max_num_seqs=len(requests),
+              max_num_batched_tokens=max_model_len * len(requests), kv_cache_memory_bytes=kv_cache_memory_bytes,
+              block_size=block_size, limit_mm_per_prompt={"image": 2}, seed=0, **REQUIRED_ENGINE_ARGS)
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    config = scheduler.kv_cache_config
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
+    for i, request in enumerate(requests):
+        engine.add_request(str(i), request, params)
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    peak, first_blocks = 0, None
+    while engine.has_unfinished_requests():
+        engine.step()
+        peak = max(peak, len(scheduler.running))
+        if first_blocks is None:
+            first_blocks = [sorted({len(b) for b in m.req_to_blocks.values() if b}) for m in managers]
+    del llm
+    return {
+        "num_blocks": config.num_blocks,
+        "groups": [(type(g.kv_cache_spec).__name__, len(g.layer_names)) for g in config.kv_cache_groups],
+        "blocks_per_request": first_blocks,
+        "peak_running": peak,
+    }

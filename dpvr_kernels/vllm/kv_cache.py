@@ -1,0 +1,102 @@
+"""The deep layers' own KV cache in vLLM: blocks for a request's *text* tokens only.
+
+Layers ``[r, N-f)`` never see vision tokens, so their cache needs one slot per text token. Giving those layers a KV
+cache spec of their own (:class:`TextOnlyAttentionSpec`) puts them in their own KV cache group, with its own block
+table; its manager (:class:`TextOnlyAttentionManager`) sizes each request's blocks for ``tokens - vision tokens``.
+vLLM then admits requests against that smaller footprint: more of them fit in the same KV memory.
+
+vLLM's scheduler knows a request's vision tokens (its multimodal placeholders); the manager only gets request ids,
+so :func:`_record_vision_tokens` notes each request's count as its slots are allocated. Importing this module
+registers the spec and its manager (it is imported in every vLLM process: by the model, and wherever a spec is
+unpickled).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, fields
+
+from . import check_vllm_version
+
+check_vllm_version()
+
+from vllm.config import VllmConfig  # noqa: E402
+from vllm.utils.math_utils import cdiv  # noqa: E402
+from vllm.v1.core.kv_cache_manager import KVCacheManager  # noqa: E402
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager  # noqa: E402
+from vllm.v1.kv_cache_interface import AttentionSpec  # noqa: E402
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry  # noqa: E402
+
+__all__ = ["TextOnlyAttentionManager", "TextOnlyAttentionSpec", "text_only_spec"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextOnlyAttentionSpec(AttentionSpec):
+    """Full causal attention whose cache holds a request's text tokens only (DPVR-LF's deep layers).
+
+    Not a ``FullAttentionSpec`` subclass on purpose: vLLM would then group these layers with the full ones and
+    size their blocks for every token.
+    """
+
+    def max_memory_usage_bytes(self, vllm_config: VllmConfig) -> int:
+        # The worst case is an all-text request: as many slots as a full-attention layer.
+        return cdiv(vllm_config.model_config.max_model_len, self.block_size) * self.page_size_bytes
+
+
+def text_only_spec(full: AttentionSpec) -> TextOnlyAttentionSpec:
+    """The text-only twin of a layer's full-attention spec (same heads, dtype, block size)."""
+    return TextOnlyAttentionSpec(**{f.name: getattr(full, f.name) for f in fields(TextOnlyAttentionSpec) if f.init})
+
+
+_VISION_TOKENS: dict[str, int] = {}
+"""Scheduler process: vision tokens of each request with text-only blocks, by request id."""
+
+
+def _text_tokens(request_id: str, num_tokens: int) -> int:
+    return max(num_tokens - _VISION_TOKENS.get(request_id, 0), 0)
+
+
+class TextOnlyAttentionManager(FullAttentionManager):
+    """Full-attention block management, sized for a request's text tokens (prefix caching is off for DPVR-LF)."""
+
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks,
+                                   total_computed_tokens: int, num_local_computed_tokens: int,
+                                   num_tokens_main_model: int, *args, **kwargs) -> int:
+        return super().get_num_blocks_to_allocate(
+            request_id, _text_tokens(request_id, num_tokens), new_computed_blocks, total_computed_tokens,
+            num_local_computed_tokens, _text_tokens(request_id, num_tokens_main_model), *args, **kwargs)
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
+        return super().allocate_new_blocks(request_id, _text_tokens(request_id, num_tokens),
+                                           _text_tokens(request_id, num_tokens_main_model))
+
+    def free(self, request_id: str) -> None:
+        super().free(request_id)
+        _VISION_TOKENS.pop(request_id, None)
+
+
+def _record_vision_tokens(allocate_slots):
+    """Wraps ``KVCacheManager.allocate_slots``: note the request's vision tokens before its blocks are sized."""
+
+    @functools.wraps(allocate_slots)
+    def wrapper(self: KVCacheManager, request, *args, **kwargs):
+        text_only = getattr(self, "_dpvr_text_only", None)
+        if text_only is None:
+            managers = getattr(self.coordinator, "single_type_managers", ())
+            text_only = self._dpvr_text_only = any(isinstance(m, TextOnlyAttentionManager) for m in managers)
+        if text_only:
+            _VISION_TOKENS[request.request_id] = sum(f.mm_position.get_num_embeds() for f in request.mm_features or ())
+        return allocate_slots(self, request, *args, **kwargs)
+
+    wrapper._dpvr_wrapped = True
+    return wrapper
+
+
+def _register() -> None:
+    KVCacheSpecRegistry._ensure_registered()  # the built-in specs first: registering ours would otherwise skip them
+    KVCacheSpecRegistry.register(TextOnlyAttentionSpec, TextOnlyAttentionManager)
+    if not getattr(KVCacheManager.allocate_slots, "_dpvr_wrapped", False):
+        KVCacheManager.allocate_slots = _record_vision_tokens(KVCacheManager.allocate_slots)
+
+
+_register()
