@@ -43,11 +43,13 @@ vllm-phase0: vllm-env
 vllm-test: vllm-env
 	DPVR_VLLM_TESTS=1 HF_HUB_OFFLINE=1 timeout 1800 .venv-vllm/bin/python -m pytest tests/vllm_plugin -q
 
-# vLLM throughput stock vs plugin at 8 concurrent requests; tables in benchmarks/results/vllm_cpu.{md,json}.
+# vLLM throughput stock vs plugin at 8 concurrent requests (benchmarks/results/vllm_cpu.{md,json}), then the
+# requests that fit at once in the same KV memory (benchmarks/results/vllm_kv_cpu.{md,json}).
 vllm-bench: vllm-env
 	DPVR_VLLM_TESTS=1 HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=2 \
 	DPVR_BENCH_OUT=benchmarks/results/vllm_cpu.md DPVR_BENCH_JSON=benchmarks/results/vllm_cpu.json \
 	timeout 1800 .venv-vllm/bin/python -m pytest benchmarks/test_bench_vllm_serving.py --benchmark-only -q
+	timeout 900 .venv-vllm/bin/python scripts/vllm_kv_capacity.py --out benchmarks/results/vllm_kv_cpu
 
 clean:
 	rm -rf build *.egg-info dpvr_kernels/_C*.so .pytest_cache .benchmarks

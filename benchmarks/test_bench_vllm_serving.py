@@ -18,7 +18,7 @@ from timing import QUICK, measure, median_s
 
 HERE = os.path.dirname(__file__)
 sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "tests", "vllm_plugin")]
-from vllm_folders import images, make_dpvr_folder, make_stock_folder  # noqa: E402
+from vllm_folders import BENCH_SIZE, bench_requests, make_dpvr_folder, make_stock_folder  # noqa: E402
 
 from dpvr_kernels import cost_model  # noqa: E402
 from dpvr_kernels.vllm import REQUIRED_ENGINE_ARGS  # noqa: E402
@@ -27,17 +27,11 @@ pytest.importorskip("vllm", reason="the vLLM environment: make vllm-env && make 
 
 CONCURRENT = 8
 NEW_TOKENS = 32
-# hidden 384, 12 layers (route layer 7 by default), head size 64, 24 x 24 = 576 vision tokens per image
-SIZE = dict(hidden=384, heads=6, kv_heads=6, layers=12, image_size=336, intermediate=1024)
-if QUICK:
-    SIZE = dict(hidden=128, heads=2, kv_heads=2, layers=4, image_size=56)
-WORDS = "what is in the picture describe it please the red house and a blue sun over a tree cat dog".split()
+SIZE = dict(hidden=128, heads=2, kv_heads=2, layers=4, image_size=56) if QUICK else BENCH_SIZE
 
 
 def requests() -> list[dict]:
-    imgs = images(CONCURRENT, seed=5)
-    return [{"prompt": f"USER : <image> {' '.join(WORDS[: 4 + 2 * i])} ASSISTANT :", "multi_modal_data": {"image": im}}
-            for i, im in enumerate(imgs)]
+    return bench_requests(CONCURRENT)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,19 @@ ROUTE_LAYER = 3
 NUM_LAYERS = 6
 
 
+BENCH_SIZE = dict(hidden=384, heads=6, kv_heads=6, layers=12, image_size=336, intermediate=1024)
+"""The vLLM benchmarks' model: LLaVA-1.5-shaped, scaled to a CPU (route layer 7 by default, head size 64,
+24 x 24 = 576 vision tokens per image)."""
+BENCH_WORDS = "what is in the picture describe it please the red house and a blue sun over a tree cat dog".split()
+
+
+def bench_requests(n: int) -> list[dict]:
+    """``n`` requests with one image each and prompts of different lengths (5 to 19 words, cycling)."""
+    imgs = images(n, seed=5)
+    return [{"prompt": f"USER : <image> {' '.join(BENCH_WORDS[: 4 + 2 * (i % 8)])} ASSISTANT :",
+             "multi_modal_data": {"image": im}} for i, im in enumerate(imgs)]
+
+
 def make_stock_folder(folder: Path, seed: int = 3, hidden: int = 128, heads: int = 4, kv_heads: int = 2,
                       layers: int = NUM_LAYERS, image_size: int = IMAGE_SIZE, intermediate: int | None = None) -> Path:
     """A LLaVA-1.5-style model vLLM's CPU attention can run (head size ``hidden / heads`` in 32, 64, ...;
