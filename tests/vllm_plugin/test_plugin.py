@@ -108,6 +108,10 @@ def test_plugin_tensor_parallel_2_matches_hf_dpvr_generate(folders, stock_error,
     heads; the answers are the same."""
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank (vLLM cannot bind on one NUMA node)
     monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    # The engine core in its own process, as users run it: its scheduler meets the text-only KV spec only when the
+    # workers' specs are unpickled there (which imports dpvr_kernels.vllm.kv_cache and registers it).
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    assert vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING
     _, dpvr = folders
     error = greedy_error(vllm_greedy(dpvr, tensor_parallel_size=2, **REQUIRED_ENGINE_ARGS),
                          hf_greedy(dpvr, patched=True), "DPVR-LF, TP 2")
