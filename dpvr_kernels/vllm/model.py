@@ -63,8 +63,14 @@ def _refuse_engine_settings(vllm_config: VllmConfig) -> None:
         wrong.append("enable_chunked_prefill=False (--no-enable-chunked-prefill)")
     if vllm_config.speculative_config is not None:
         wrong.append("no speculative decoding")
+    if vllm_config.scheduler_config.long_prefill_token_threshold:
+        wrong.append("long_prefill_token_threshold=0 (it splits prompts even with chunked prefill off)")
     if vllm_config.parallel_config.pipeline_parallel_size != 1:
         wrong.append("pipeline_parallel_size=1 (tensor parallelism is supported)")
+    if vllm_config.lora_config is not None:
+        wrong.append("no LoRA adapters (enable_lora=False; merge an adapter into the checkpoint instead)")
+    if vllm_config.kv_transfer_config is not None:
+        wrong.append("no KV connector (kv_transfer_config): a request must be prefilled here, from its own blocks")
     if wrong:
         raise ValueError(
             f"{ARCHITECTURE} (DPVR-LF) needs " + ", ".join(wrong) + f"; the full set is {REQUIRED_ENGINE_ARGS}. "
@@ -184,6 +190,9 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # vLLM's own mask of the step's multimodal placeholder positions (the vision tokens), from embed_input_ids.
         # Not input_ids == image_token_id: a generated token may carry that id, and vLLM embeds it as text.
         self._vision_mask: Tensor | None = None
+        # Without multimodal inputs (limit_mm_per_prompt 0, language_model_only) the runner feeds token ids and
+        # never calls embed_input_ids: every token is text.
+        self._multimodal_inputs = vllm_config.model_config.supports_multimodal_inputs
         # Vision tokens of each running request, keyed by its first KV block (unique per live request when
         # prefix caching is off): decode steps need them to place the request's text tokens in the deep KV.
         self._vision_counts: dict[int, int] = {}
@@ -243,6 +252,8 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         sequence = (torch.bucketize(token, query_start[1:].to(hidden.device), right=True)).clamp(max=num_reqs - 1)
         valid = token < num_actual
         marked, self._vision_mask = self._vision_mask, None
+        if not self._multimodal_inputs:
+            marked = torch.zeros(num_actual, dtype=torch.bool, device=valid.device)
         if marked is None or marked.numel() != num_actual:
             raise RuntimeError(
                 f"{ARCHITECTURE}: the vision-token mask of this step ({num_actual} tokens) is missing or stale: vLLM's "

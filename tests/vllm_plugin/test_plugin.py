@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -166,6 +167,58 @@ def test_plugin_refuses_engine_settings_it_cannot_serve_exactly(folders, flag):
     engine = {**REQUIRED_ENGINE_ARGS, flag: not REQUIRED_ENGINE_ARGS[flag]}
     with pytest.raises(Exception, match=f"{ARCHITECTURE}.*needs.*{flag}"):
         vllm_greedy(dpvr, **engine)
+
+
+def _engine_config(**changes):
+    """A stand-in VllmConfig with the plugin's required settings, and ``changes`` (dotted names) applied."""
+    from types import SimpleNamespace as NS
+
+    cfg = NS(model_config=NS(enforce_eager=True), cache_config=NS(enable_prefix_caching=False),
+             scheduler_config=NS(enable_chunked_prefill=False, long_prefill_token_threshold=0), speculative_config=None,
+             parallel_config=NS(pipeline_parallel_size=1), lora_config=None, kv_transfer_config=None)
+    for name, value in changes.items():
+        *path, last = name.split(".")
+        obj = cfg
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, last, value)
+    return cfg
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"scheduler_config.long_prefill_token_threshold": 32}, "long_prefill_token_threshold=0"),
+    ({"lora_config": object()}, "no LoRA adapters"),
+    ({"kv_transfer_config": object()}, "no KV connector"),
+    ({"speculative_config": object()}, "no speculative decoding"),
+    ({"parallel_config.pipeline_parallel_size": 2}, "pipeline_parallel_size=1"),
+])
+def test_plugin_refuses_settings_that_split_or_share_prefills(change, named):
+    """Found by review: each of these let stock vLLM serve but broke the plugin (a prompt prefilled in pieces,
+    LoRA's per-token metadata, KV from elsewhere). The check runs when the model is built."""
+    from dpvr_kernels.vllm.model import _refuse_engine_settings
+
+    _refuse_engine_settings(_engine_config())  # the required settings pass
+    with pytest.raises(ValueError, match=f"{ARCHITECTURE}.*needs.*{re.escape(named)}"):
+        _refuse_engine_settings(_engine_config(**change))
+
+
+def test_plugin_serves_text_only_when_multimodal_inputs_are_off(folders):
+    """limit_mm_per_prompt={"image": 0}: vLLM feeds token ids and skips embed_input_ids; every token is text."""
+    from vllm import LLM, SamplingParams
+
+    stock, dpvr = folders
+    llm = LLM(model=str(dpvr), dtype="float32", max_model_len=256, limit_mm_per_prompt={"image": 0}, seed=0,
+              **REQUIRED_ENGINE_ARGS)
+    text = prompts()[2][0]
+    params = SamplingParams(temperature=0.0, max_tokens=5, min_tokens=5, ignore_eos=True)
+    (out,) = llm.generate([text], params)
+    del llm
+    proc = AutoProcessor.from_pretrained(dpvr)
+    model = dpvr_kernels.patch(LlavaForConditionalGeneration.from_pretrained(dpvr, dtype=torch.float32).eval())
+    inputs = proc(text=text, return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert list(out.outputs[0].token_ids) == ids[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def test_plugin_refuses_an_untested_attention_backend(folders, monkeypatch):
