@@ -43,7 +43,17 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_llava_folder(folder: Path, image_size: int = 28, patch: int = 14, layers: int = 4, seed: int = 1) -> Path:
+def backbone_config(layers: int, hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int | None = None,
+                    max_positions: int = 256) -> LlamaConfig:
+    """The folders' Llama backbone over the word tokenizer's vocabulary."""
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=max_positions, bos_token_id=2, eos_token_id=3, pad_token_id=1)
+
+
+def make_llava_folder(folder: Path, image_size: int = 28, patch: int = 14, layers: int = 4, seed: int = 1,
+                      hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int | None = None,
+                      max_positions: int = 256) -> Path:
     """A tiny random ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` saved in ``folder``."""
     tokenizer = word_tokenizer()
     processor = LlavaProcessor(
@@ -52,9 +62,7 @@ def make_llava_folder(folder: Path, image_size: int = 28, patch: int = 14, layer
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, patch_size=patch, vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=2,
-                       eos_token_id=3, pad_token_id=1)
+    text = backbone_config(layers, hidden, heads, kv_heads, intermediate, max_positions)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=image_size, patch_size=patch, projection_dim=32)
     cfg = LlavaConfig(text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
@@ -81,9 +89,7 @@ def make_llava_next_folder(folder: Path, layers: int = 4, seed: int = 2) -> Path
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
                                    patch_size=14, vision_feature_select_strategy="default",
                                    num_additional_image_tokens=1)
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=2,
-                       eos_token_id=3, pad_token_id=1)
+    text = backbone_config(layers)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=28, patch_size=14)
     cfg = LlavaNextConfig(text_config=text, vision_config=vision,

@@ -10,17 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from model_folder import CHAT_TEMPLATE, VOCAB, word_tokenizer
+from model_folder import make_llava_folder
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
+from transformers import LlavaForConditionalGeneration
 
 import dpvr_kernels
 from dpvr_kernels.vllm import prepare_checkpoint
@@ -47,30 +40,8 @@ def make_stock_folder(folder: Path, seed: int = 3, hidden: int = 128, heads: int
                       layers: int = NUM_LAYERS, image_size: int = IMAGE_SIZE, intermediate: int | None = None) -> Path:
     """A LLaVA-1.5-style model vLLM's CPU attention can run (head size ``hidden / heads`` in 32, 64, ...;
     by default 32 with GQA 4:2), with its processor; ``(image_size / 14)**2`` vision tokens per image."""
-    tokenizer = word_tokenizer()
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
-                                           crop_size={"height": image_size, "width": image_size}),
-        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, patch_size=PATCH, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                       max_position_embeddings=2048, bos_token_id=2, eos_token_id=3, pad_token_id=1)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=image_size, patch_size=PATCH, projection_dim=32)
-    cfg = LlavaConfig(text_config=text, vision_config=vision,
-                      image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                      vision_feature_select_strategy="default", vision_feature_layer=-2)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # larger random weights: peaked logits, so greedy answers are not one repeated token
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4.0)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    make_llava_folder(folder, image_size=image_size, patch=PATCH, layers=layers, seed=seed, hidden=hidden,
+                      heads=heads, kv_heads=kv_heads, intermediate=intermediate, max_positions=2048)
     # transformers 5 saves the CLIP tower flattened ([model.]vision_tower.embeddings...); stock vLLM 0.32 loads the
     # llava-hf layout (model.vision_tower.vision_model.embeddings...), which transformers also reads: use that.
     path = folder / "model.safetensors"
