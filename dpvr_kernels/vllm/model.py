@@ -10,7 +10,8 @@ Per engine step vLLM hands the model the flattened tokens of many requests. The 
 4. **text stream**: layers ``[r, N-f)`` on the text tokens only. Their attention metadata is rebuilt for the
    text subset by the backend's own metadata builder (the way vLLM's Gemma3n fast prefill gives some layers a
    subset of the tokens): per request, queries are its text tokens, keys its earlier text tokens, and the KV
-   cache holds text tokens at compacted slots of the request's own blocks (:class:`TextStreamMetadata`);
+   cache holds text tokens at compacted slots of the request's blocks in the deep layers' own KV cache group
+   (``kv_cache.py``: blocks sized for text tokens only);
 5. **fuse**: both streams back to their positions (``fuse_merge``), then layers ``[N-f, N)`` on every token.
 
 Imported by vLLM (through :func:`dpvr_kernels.vllm.register`) only when a DPVR checkpoint is served.
@@ -43,7 +44,7 @@ from ..ops import fuse_merge, route_split  # noqa: E402
 from ..plan import build_route_plan_from_mask  # noqa: E402
 from .kv_cache import text_only_spec  # noqa: E402
 
-__all__ = ["DPVRLlavaForConditionalGeneration", "SideBranchAttention", "TextStreamMetadata"]
+__all__ = ["DPVRLlavaForConditionalGeneration", "SideBranchAttention"]
 
 SIDE_BRANCH = "dpvr_side_branch"
 """Module name of the side branch, as in the HF patch, so the saved weights load by name."""
@@ -114,16 +115,6 @@ class SideBranchAttention(nn.Module):
                                                              is_causal=mask is None, scale=self.scale)
                 start += length
         return out.transpose(0, 1).reshape(n, self.num_heads * self.head_size)
-
-
-@dataclasses.dataclass
-class TextStreamMetadata:
-    """The deep layers' view of one engine step: text queries per request against text-only KV."""
-
-    common: CommonAttentionMetadata
-    """Rebuilt for the text subset: query_start_loc over text tokens, seq_lens in text tokens, compacted slots."""
-    requests: Tensor
-    """Row of each kept request in the step's block table (requests with no text token this step are dropped)."""
 
 
 def _text_only_kv_cache_spec(attn: nn.Module, vllm_config: VllmConfig):
@@ -281,15 +272,15 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         residual = fuse_merge(text_r, image_r, residual[None], plan, backend=self.backend)[0]
         return hidden, residual
 
-    def _run_text_stream(self, meta: TextStreamMetadata, plan, text_h: Tensor,
+    def _run_text_stream(self, meta: CommonAttentionMetadata, plan, text_h: Tensor,
                          text_r: Tensor) -> tuple[Tensor, Tensor]:
         """Layers [r, N-f) on the text tokens, with the deep layers' metadata and slots swapped in."""
         decoder = self.language_model.model
         ctx = get_forward_context()
         saved_metadata, saved_slots = ctx.attn_metadata, ctx.slot_mapping
-        deep_metadata = self._builder().build(0, meta.common)
+        deep_metadata = self._builder().build(0, meta)
         ctx.attn_metadata = {**saved_metadata, **dict.fromkeys(self._deep_names, deep_metadata)}
-        ctx.slot_mapping = {**saved_slots, **dict.fromkeys(self._deep_names, meta.common.slot_mapping)}
+        ctx.slot_mapping = {**saved_slots, **dict.fromkeys(self._deep_names, meta.slot_mapping)}
         try:
             for i in self.deep_layers:
                 text_h, text_r = decoder.layers[i](plan.text_position_ids, text_h, text_r)
@@ -312,8 +303,10 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return get_forward_context().no_compile_layers[self._deep_names[0]].kv_cache.shape[2]
 
     def _text_stream_metadata(self, step, deep_step, positions: Tensor, query_start: Tensor,
-                              plan) -> TextStreamMetadata:
-        """Per request: its text queries this step, and where its text tokens sit in the deep layers' KV."""
+                              plan) -> CommonAttentionMetadata:
+        """The deep layers' view of this step, for their backend's metadata builder: per request its text queries,
+        its text keys so far (seq_lens in text tokens), and the compacted slots of its text tokens in the deep KV
+        (requests with no text token this step are left out)."""
         num_reqs = query_start.numel() - 1
         first_pos = positions[query_start[:-1]].tolist()
         first_block = step.block_table[:num_reqs, 0].tolist()
@@ -353,7 +346,7 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             [before[i] for i in keep], dtype=torch.long)[row])
         slots = block_table[row.to(device), (index // block_size).to(device)].long() * block_size + (
             index % block_size).to(device)
-        common = CommonAttentionMetadata(
+        return CommonAttentionMetadata(
             query_start_loc=query_start_text.to(device),
             query_start_loc_cpu=query_start_text,
             seq_lens=seq.to(device),
@@ -365,4 +358,3 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             slot_mapping=slots.to(step.slot_mapping.dtype),
             causal=True,
         )
-        return TextStreamMetadata(common=common, requests=torch.tensor(keep, dtype=torch.long))
