@@ -68,6 +68,9 @@ def _refuse_engine_settings(vllm_config: VllmConfig) -> None:
         wrong.append("long_prefill_token_threshold=0 (it splits prompts even with chunked prefill off)")
     if vllm_config.parallel_config.pipeline_parallel_size != 1:
         wrong.append("pipeline_parallel_size=1 (tensor parallelism is supported)")
+    if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        wrong.append("the hybrid KV cache manager (no --disable-hybrid-kv-cache-manager): the deep layers' text-only "
+                     "KV is a KV cache group of its own")
     if vllm_config.lora_config is not None:
         wrong.append("no LoRA adapters (enable_lora=False; merge an adapter into the checkpoint instead)")
     if vllm_config.kv_transfer_config is not None:
@@ -175,7 +178,9 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         for i in self.deep_layers:  # their own KV cache group, blocks for text tokens only (kv_cache.py)
             attn = decoder.layers[i].self_attn.attn
             attn.get_kv_cache_spec = functools.partial(_text_only_kv_cache_spec, attn)
-        self._full_name = decoder.layers[0].self_attn.attn.layer_name
+        # A fusion layer is always full attention (layer 0 is a deep layer when r = 0): its block table keys a
+        # request's vision count, and its metadata gives the step's requests and positions.
+        self._full_name = decoder.layers[num_layers - 1].self_attn.attn.layer_name
         self._vllm_config = vllm_config
         self._text_builder = None
         # vLLM's own mask of the step's multimodal placeholder positions (the vision tokens), from embed_input_ids.
@@ -220,20 +225,17 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             for i in self.deep_layers:
                 hidden, residual = decoder.layers[i](positions, hidden, residual)
         else:
-            hidden, residual = self._route_text_stream_and_fuse(positions, hidden, residual,
-                                                                attn_metadata[self._full_name],
-                                                                attn_metadata[self._deep_names[0]])
+            hidden, residual = self._route_text_stream_and_fuse(positions, hidden, residual, attn_metadata)
 
         for layer in decoder.layers[num_layers - self.fusion_layers :]:
             hidden, residual = layer(positions, hidden, residual)
         hidden, _ = decoder.norm(hidden, residual)
         return hidden
 
-    def _route_text_stream_and_fuse(self, positions: Tensor, hidden: Tensor, residual: Tensor | None, step,
-                                    deep_step) -> tuple[Tensor, Tensor]:
-        """``step``: the full layers' attention metadata of this engine step; ``deep_step``: the deep layers' (their
-        own KV cache group: the same requests, their own block table)."""
+    def _route_text_stream_and_fuse(self, positions: Tensor, hidden: Tensor, residual: Tensor | None,
+                                    attn_metadata: dict) -> tuple[Tensor, Tensor]:
         decoder = self.language_model.model
+        step = attn_metadata[self._full_name]
         n = hidden.shape[0]
         query_start = step.query_start_loc.to(torch.long)
         num_reqs = query_start.numel() - 1
@@ -260,9 +262,16 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         text_h, image_h = route_split(hidden[None], plan, backend=self.backend)
         text_r, image_r = route_split(residual[None], plan, backend=self.backend)
 
-        meta = self._text_stream_metadata(step, deep_step, positions, query_start, plan)
+        layout = self._text_stream_layout(step, positions, query_start, plan)
         if plan.num_text:
-            text_h, text_r = self._run_text_stream(meta, plan, text_h, text_r)
+            # vLLM gives KV cache groups equal layer counts, so the deep layers may span several groups (r small
+            # against N): each group has its own block table, hence its own slots.
+            groups: dict[int, list[str]] = {}
+            for name in self._deep_names:
+                groups.setdefault(id(attn_metadata[name]), []).append(name)
+            metadata = {name: meta for names in groups.values()
+                        for meta in [self._group_metadata(attn_metadata[names[0]], layout)] for name in names}
+            text_h, text_r = self._run_text_stream(metadata, plan, text_h, text_r)
         if plan.num_image:
             side = getattr(decoder, SIDE_BRANCH)
             side.self_attn.attn.segments = plan.image_seqlens
@@ -272,15 +281,15 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         residual = fuse_merge(text_r, image_r, residual[None], plan, backend=self.backend)[0]
         return hidden, residual
 
-    def _run_text_stream(self, meta: CommonAttentionMetadata, plan, text_h: Tensor,
+    def _run_text_stream(self, metadata: dict[str, CommonAttentionMetadata], plan, text_h: Tensor,
                          text_r: Tensor) -> tuple[Tensor, Tensor]:
         """Layers [r, N-f) on the text tokens, with the deep layers' metadata and slots swapped in."""
         decoder = self.language_model.model
         ctx = get_forward_context()
         saved_metadata, saved_slots = ctx.attn_metadata, ctx.slot_mapping
-        deep_metadata = self._builder().build(0, meta)
-        ctx.attn_metadata = {**saved_metadata, **dict.fromkeys(self._deep_names, deep_metadata)}
-        ctx.slot_mapping = {**saved_slots, **dict.fromkeys(self._deep_names, meta.slot_mapping)}
+        built = {id(meta): self._builder().build(0, meta) for meta in metadata.values()}
+        ctx.attn_metadata = {**saved_metadata, **{name: built[id(meta)] for name, meta in metadata.items()}}
+        ctx.slot_mapping = {**saved_slots, **{name: meta.slot_mapping for name, meta in metadata.items()}}
         try:
             for i in self.deep_layers:
                 text_h, text_r = decoder.layers[i](plan.text_position_ids, text_h, text_r)
@@ -302,11 +311,9 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # CPU layout: [num_blocks, num_kv_heads, block_size, 2 * head_size]
         return get_forward_context().no_compile_layers[self._deep_names[0]].kv_cache.shape[2]
 
-    def _text_stream_metadata(self, step, deep_step, positions: Tensor, query_start: Tensor,
-                              plan) -> CommonAttentionMetadata:
-        """The deep layers' view of this step, for their backend's metadata builder: per request its text queries,
-        its text keys so far (seq_lens in text tokens), and the compacted slots of its text tokens in the deep KV
-        (requests with no text token this step are left out)."""
+    def _text_stream_layout(self, step, positions: Tensor, query_start: Tensor, plan) -> tuple[list[int], ...]:
+        """Per request with text this step (the kept ones): its row, its text queries, and its text tokens already
+        in the deep KV. Notes each new prompt's vision tokens; refuses what cannot be placed."""
         num_reqs = query_start.numel() - 1
         first_pos = positions[query_start[:-1]].tolist()
         first_block = step.block_table[:num_reqs, 0].tolist()
@@ -331,19 +338,25 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     "--no-enable-chunked-prefill"
                 )
             before.append(first_pos[i] - self._vision_counts[first_block[i]])
-
         keep = [i for i in range(num_reqs) if q_text[i]]
-        device = deep_step.block_table.device
+        return keep, [q_text[i] for i in keep], [before[i] for i in keep]
+
+    def _group_metadata(self, group_step, layout: tuple[list[int], ...]) -> CommonAttentionMetadata:
+        """One deep KV cache group's view of this step, for the backend's metadata builder: per kept request its
+        text queries, its text keys so far (seq_lens in text tokens), and the compacted slots of its text tokens in
+        the group's own blocks."""
+        keep, q_text, before = layout
+        device = group_step.block_table.device
         block_size = self._block_size()
-        block_table = deep_step.block_table[keep]
-        q = torch.tensor([q_text[i] for i in keep], dtype=torch.int32)
-        seq = torch.tensor([before[i] + q_text[i] for i in keep], dtype=torch.int32)
+        block_table = group_step.block_table[keep]
+        q = torch.tensor(q_text, dtype=torch.int32)
+        seq = torch.tensor([b + t for b, t in zip(before, q_text, strict=True)], dtype=torch.int32)
         query_start_text = torch.zeros(len(keep) + 1, dtype=torch.int32)
         torch.cumsum(q, 0, out=query_start_text[1:])
-        # Text token k of kept request j sits at compacted index before + k of that request's blocks.
+        # Text token k of kept request j sits at compacted index before[j] + k of that request's blocks.
         row = torch.repeat_interleave(torch.arange(len(keep)), q.long())
-        index = (torch.arange(int(q.sum())) - query_start_text[:-1].long()[row] + torch.tensor(
-            [before[i] for i in keep], dtype=torch.long)[row])
+        index = torch.arange(int(q.sum())) - query_start_text[:-1].long()[row] + torch.tensor(before,
+                                                                                               dtype=torch.long)[row]
         slots = block_table[row.to(device), (index // block_size).to(device)].long() * block_size + (
             index % block_size).to(device)
         return CommonAttentionMetadata(
@@ -355,6 +368,6 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             max_query_len=int(q.max()) if keep else 0,
             max_seq_len=int(seq.max()) if keep else 0,
             block_table_tensor=block_table,
-            slot_mapping=slots.to(step.slot_mapping.dtype),
+            slot_mapping=slots.to(group_step.slot_mapping.dtype),
             causal=True,
         )

@@ -5,6 +5,7 @@ stock vLLM vs stock HF is the control. Runs in the vLLM environment only: ``make
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import re
@@ -22,7 +23,7 @@ vllm = pytest.importorskip("vllm", reason="the vLLM environment: make vllm-env &
 if not os.environ.get("DPVR_VLLM_TESTS"):  # collected only by make vllm-test (tests/conftest.py)
     raise RuntimeError("run these tests with make vllm-test")
 
-NEW_TOKENS = [6, 9, 4, 7, 5]  # different lengths: requests finish at different steps, others join mid-decode
+NEW_TOKENS = [6, 9, 4, 7, 5, 8]  # different lengths: requests finish at different steps, others join mid-decode
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +33,16 @@ def folders(tmp_path_factory):
     return stock, make_dpvr_folder(stock, root / "dpvr")
 
 
-def hf_greedy(folder, patched: bool) -> tuple[list[list[int]], list[list[float]]]:
-    """Per prompt, one at a time: greedy tokens and their log-probabilities from HF ``generate``."""
+def hf_greedy(folder, patched: bool, extra=()) -> tuple[list[list[int]], list[list[float]]]:
+    """Per prompt (``prompts()`` and ``extra``), one at a time: greedy tokens and their log-probabilities from HF
+    ``generate``."""
     proc = AutoProcessor.from_pretrained(folder)
     model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     if patched:
         dpvr_kernels.patch(model)  # route layer and the trained side branch come from the checkpoint
-        assert model.config.dpvr["route_layer"] == ROUTE_LAYER
     tokens, logprobs = [], []
-    for (text, imgs), n in zip(prompts(), NEW_TOKENS, strict=True):
+    items = [*prompts(), *extra]
+    for (text, imgs), n in zip(items, NEW_TOKENS[: len(items)], strict=True):
         inputs = proc(images=imgs or None, text=text, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -51,15 +53,16 @@ def hf_greedy(folder, patched: bool) -> tuple[list[list[int]], list[list[float]]
     return tokens, logprobs
 
 
-def vllm_greedy(folder, **engine) -> tuple[list[list[int]], list[list[float]]]:
+def vllm_greedy(folder, extra=(), **engine) -> tuple[list[list[int]], list[list[float]]]:
     """All prompts submitted together; at most 3 running at once, so new prefills join running decodes."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(folder), dtype="float32", max_model_len=256, max_num_seqs=3, max_num_batched_tokens=512,
               limit_mm_per_prompt={"image": 2}, seed=0, **engine)
-    reqs = [{"prompt": t, "multi_modal_data": {"image": imgs}} if imgs else {"prompt": t} for t, imgs in prompts()]
+    reqs = [{"prompt": t, "multi_modal_data": {"image": imgs}} if imgs else {"prompt": t}
+            for t, imgs in [*prompts(), *extra]]
     params = [SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True, logprobs=0)
-              for n in NEW_TOKENS]
+              for n in NEW_TOKENS[: len(reqs)]]
     outs = llm.generate(reqs, params)
     del llm
     tokens = [list(o.outputs[0].token_ids) for o in outs]
@@ -94,6 +97,7 @@ def test_plugin_matches_hf_dpvr_generate(folders, stock_error):
     images) batched by vLLM's scheduler, log-probs within twice the control's error; and DPVR-LF's answers are
     not stock's (the plugin really routes)."""
     stock, dpvr = folders
+    assert json.loads((dpvr / "config.json").read_text())["dpvr"]["route_layer"] == ROUTE_LAYER
     want = hf_greedy(dpvr, patched=True)
     error = greedy_error(vllm_greedy(dpvr, **REQUIRED_ENGINE_ARGS), want, "DPVR-LF")
     print(f"log-prob error vs HF: DPVR-LF {error:.2e}, stock (control) {stock_error:.2e}")
@@ -101,6 +105,20 @@ def test_plugin_matches_hf_dpvr_generate(folders, stock_error):
     stock_tokens, _ = hf_greedy(stock, patched=False)
     with_images = [i for i, (_, imgs) in enumerate(prompts()) if imgs]
     assert any(want[0][i] != stock_tokens[i] for i in with_images), "DPVR-LF gave stock's answers: nothing routed?"
+
+
+@pytest.mark.parametrize("route_layer", [0, 1])
+def test_plugin_matches_hf_at_low_route_layers(tmp_path, route_layer, stock_error):
+    """Found by review: with many more deep layers than full ones vLLM splits the deep layers into several KV
+    groups of equal size (route 1 of 6: full {0, 5}, text-only {1, 3} and {2, 4}), each with its own block table;
+    and at route layer 0 layer 0 itself is text-only. Also a request with no text token at all."""
+    stock = make_stock_folder(tmp_path / "stock")
+    dpvr = make_dpvr_folder(stock, tmp_path / "dpvr", route_layer=route_layer)
+    image_only = ("<image>", images(1, seed=9))
+    want = hf_greedy(dpvr, patched=True, extra=[image_only])
+    error = greedy_error(vllm_greedy(dpvr, extra=[image_only], block_size=32, **REQUIRED_ENGINE_ARGS), want,
+                         f"DPVR-LF, route layer {route_layer}")
+    assert error <= 2 * stock_error + 1e-5
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallel 2 needs 2 CPU cores, one per rank")
@@ -174,7 +192,8 @@ def _engine_config(**changes):
     from types import SimpleNamespace as NS
 
     cfg = NS(model_config=NS(enforce_eager=True), cache_config=NS(enable_prefix_caching=False),
-             scheduler_config=NS(enable_chunked_prefill=False, long_prefill_token_threshold=0), speculative_config=None,
+             scheduler_config=NS(enable_chunked_prefill=False, long_prefill_token_threshold=0,
+                                  disable_hybrid_kv_cache_manager=False), speculative_config=None,
              parallel_config=NS(pipeline_parallel_size=1), lora_config=None, kv_transfer_config=None)
     for name, value in changes.items():
         *path, last = name.split(".")
@@ -191,6 +210,7 @@ def _engine_config(**changes):
     ({"kv_transfer_config": object()}, "no KV connector"),
     ({"speculative_config": object()}, "no speculative decoding"),
     ({"parallel_config.pipeline_parallel_size": 2}, "pipeline_parallel_size=1"),
+    ({"scheduler_config.disable_hybrid_kv_cache_manager": True}, "the hybrid KV cache manager"),
 ])
 def test_plugin_refuses_settings_that_split_or_share_prefills(change, named):
     """Found by review: each of these let stock vLLM serve but broke the plugin (a prompt prefilled in pieces,
@@ -255,7 +275,6 @@ def test_openai_server_serves_the_dpvr_checkpoint(folders, tmp_path):
     point is the same server.)"""
     import base64
     import io
-    import json
     import socket
     import subprocess
     import time
