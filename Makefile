@@ -39,7 +39,8 @@ vllm-env:
 vllm-phase0: vllm-env
 	VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 timeout 900 .venv-vllm/bin/python scripts/vllm_phase0.py
 
-# The plugin's tests: vLLM with DPVR-LF == HF DPVR-LF generate, stock control, TP 2, refusals (about 1 min).
+# The plugin's tests: vLLM with DPVR-LF == HF DPVR-LF generate, stock control, TP 2, KV capacity, refusals
+# (about 2 min on 2 cores, the environment check included).
 vllm-test: vllm-env
 	DPVR_VLLM_TESTS=1 HF_HUB_OFFLINE=1 timeout 1800 .venv-vllm/bin/python -m pytest tests/vllm_plugin -q
 

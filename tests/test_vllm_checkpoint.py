@@ -37,3 +37,36 @@ def test_prepare_checkpoint_refuses_what_the_plugin_cannot_serve(tmp_path):
     nxt = make_llava_next_folder(tmp_path / "next")
     with pytest.raises(ValueError, match="model_type is 'llava_next'"):
         prepare_checkpoint(nxt)
+
+
+def _saved_patched(tmp_path, name: str = "dpvr"):
+    stock = make_llava_folder(tmp_path / "stock")
+    model = dpvr_kernels.patch(LlavaForConditionalGeneration.from_pretrained(stock, dtype=torch.float32), route_layer=1)
+    model.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def test_prepare_checkpoint_refuses_an_incomplete_side_branch(tmp_path):
+    """vLLM does not report a linear layer's missing weights: a checkpoint whose side branch lost one tensor would
+    be served with it uninitialised, so it is refused here (and again when vLLM loads it), naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _saved_patched(tmp_path)
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    (gone,) = [k for k in state if k.endswith("dpvr_side_branch.mlp.down_proj.weight")]
+    del state[gone]
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"no side-branch weights for \['mlp.down_proj.weight'\].*save_pretrained"):
+        prepare_checkpoint(folder)
+
+
+@pytest.mark.parametrize("dpvr, why", [({"route_layer": 3}, "route_layer=3 is out of range"),
+                                       ({"fusion_layers": 1}, "route_layer")])
+def test_prepare_checkpoint_refuses_invalid_settings(tmp_path, dpvr, why):
+    folder = _saved_patched(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["dpvr"] = dpvr
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"not valid for its 4-layer decoder.*{why}.*re-save it with dpvr_kernels"):
+        prepare_checkpoint(folder)

@@ -15,10 +15,15 @@ The model (``dpvr_kernels.vllm.model``) needs exactly vLLM ``TESTED_VLLM_VERSION
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+from collections.abc import Iterable
 
-__all__ = ["ARCHITECTURE", "REQUIRED_ENGINE_ARGS", "TESTED_VLLM_VERSION", "check_vllm_version", "prepare_checkpoint",
-           "register"]
+from ..models.llava import SIDE_BRANCH
+
+__all__ = ["ARCHITECTURE", "REQUIRED_ENGINE_ARGS", "TESTED_VLLM_VERSION", "check_side_branch_weights",
+           "check_vllm_version", "checkpoint_route", "llava_hf_key", "prepare_checkpoint", "register"]
 
 TESTED_VLLM_VERSION = "0.32.0"
 """The vLLM release the plugin was built and tested against; any other version is refused."""
@@ -32,6 +37,49 @@ REQUIRED_ENGINE_ARGS = {"enforce_eager": True, "enable_prefix_caching": False, "
 vision tokens meet the side branch together) and no request starts from another's cached blocks (the deep
 layers' text-only KV is keyed by each request's own blocks); eager mode because the deep layers' attention
 metadata is rewritten per step in Python."""
+
+
+_FLAT_CLIP = re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)")
+
+
+def llava_hf_key(name: str) -> str:
+    """A checkpoint key in the llava-hf layout vLLM's LLaVA loads: transformers 5 may save the CLIP tower
+    flattened (``[model.]vision_tower.embeddings...``), llava-hf names it ``vision_tower.vision_model.*``."""
+    return _FLAT_CLIP.sub(r"\1vision_model.", name)
+
+
+def checkpoint_route(dpvr: object, num_layers: int) -> tuple[int, int, str]:
+    """``(route_layer, fusion_layers, backend)`` of a checkpoint's ``config.dpvr``, or a ValueError that says what is
+    wrong and how to re-save."""
+    from ..config import DPVRConfig, validate_route
+
+    try:
+        settings = DPVRConfig.from_dict(dpvr)
+        route, fusion = validate_route(num_layers, settings.route_layer, settings.fusion_layers)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"the checkpoint's config.json has dpvr={dpvr!r}, which is not valid for its {num_layers}-layer decoder "
+            f"({e}); re-save it with dpvr_kernels.patch(model, route_layer=...) then model.save_pretrained(path)"
+        ) from None
+    return route, fusion, settings.backend
+
+
+def check_side_branch_weights(keys: Iterable[str], route_layer: int) -> None:
+    """ValueError unless the checkpoint's keys hold a side-branch tensor for every tensor of decoder layer
+    ``route_layer`` (the side branch is a copy of that layer): a missing one would be served uninitialised."""
+    layer, side = set(), set()
+    pattern = re.compile(rf"(?:^|\.)(?:layers\.{route_layer}|({SIDE_BRANCH}))\.(.+)$")
+    for key in keys:
+        match = pattern.search(key)
+        if match and "language_model" in key:
+            (side if match.group(1) else layer).add(match.group(2))
+    missing = sorted(layer - side)
+    if missing:
+        raise ValueError(
+            f"the checkpoint has no side-branch weights for {missing} (expected {SIDE_BRANCH}.* beside layer "
+            f"{route_layer}'s tensors); save the model with model.save_pretrained(path) after dpvr_kernels.patch(model) "
+            "(and any side-branch training), so the side branch is written with it"
+        )
 
 
 def check_vllm_version() -> None:
@@ -52,8 +100,13 @@ def register() -> None:
     Registered lazily by name, so vLLM imports ``dpvr_kernels.vllm.model`` (and checks its version) only when a
     DPVR checkpoint is served.
     """
+    import vllm
     from vllm import ModelRegistry
 
+    if vllm.__version__ != TESTED_VLLM_VERSION:  # the model refuses to import; say why where users look first
+        logging.getLogger(__name__).warning(
+            "dpvr_kernels: the DPVR-LF vLLM plugin is tested with vLLM %s only, this is %s; DPVR checkpoints "
+            "(%s) will fail to load", TESTED_VLLM_VERSION, vllm.__version__, ARCHITECTURE)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, f"{__name__}.model:DPVRLlavaForConditionalGeneration")
 
@@ -62,8 +115,9 @@ def prepare_checkpoint(path: str | os.PathLike) -> str:
     """Mark a saved DPVR-LF LLaVA checkpoint for the vLLM plugin; returns the ``config.json`` path.
 
     ``path`` is a folder written by ``save_pretrained`` of a model patched with :func:`dpvr_kernels.patch`
-    (``config.dpvr`` set, side-branch weights saved). Its ``architectures`` becomes ``[ARCHITECTURE]``; nothing
-    else changes, so transformers still loads it (and ``dpvr_kernels.patch`` restores the side branch).
+    (``config.dpvr`` set, side-branch weights saved). Its ``config.dpvr`` and side-branch weights are checked, then
+    its ``architectures`` becomes ``[ARCHITECTURE]``; nothing else changes, so transformers still loads it (and
+    ``dpvr_kernels.patch`` restores the side branch).
     """
     config_path = os.path.join(os.fspath(path), "config.json")
     if not os.path.isfile(config_path):
@@ -80,8 +134,27 @@ def prepare_checkpoint(path: str | os.PathLike) -> str:
             f"{config_path} has no 'dpvr' settings: save the model after dpvr_kernels.patch(model) (and any side-"
             "branch training) with model.save_pretrained(path), then call prepare_checkpoint(path)"
         )
+    num_layers = config.get("text_config", {}).get("num_hidden_layers")
+    if not isinstance(num_layers, int):
+        raise ValueError(f"{config_path}: text_config.num_hidden_layers is missing; is this a LLaVA checkpoint?")
+    try:
+        route, _, _ = checkpoint_route(config["dpvr"], num_layers)
+        check_side_branch_weights(_safetensors_keys(os.fspath(path)), route)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from None
     config["architectures"] = [ARCHITECTURE]
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
     return config_path
+
+
+def _safetensors_keys(folder: str) -> list[str]:
+    from safetensors import safe_open
+
+    keys = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as f:
+                keys += list(f.keys())
+    return keys

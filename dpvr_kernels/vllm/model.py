@@ -21,14 +21,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ARCHITECTURE, REQUIRED_ENGINE_ARGS, check_vllm_version
+from . import (
+    ARCHITECTURE,
+    REQUIRED_ENGINE_ARGS,
+    SIDE_BRANCH,
+    check_side_branch_weights,
+    check_vllm_version,
+    checkpoint_route,
+    llava_hf_key,
+)
 
 check_vllm_version()
 
@@ -39,15 +46,11 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer  # noqa: E402
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration  # noqa: E402
 from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 
-from ..config import DPVRConfig, validate_route  # noqa: E402
 from ..ops import fuse_merge, route_split  # noqa: E402
 from ..plan import build_route_plan_from_mask  # noqa: E402
 from .kv_cache import text_only_spec  # noqa: E402
 
 __all__ = ["DPVRLlavaForConditionalGeneration", "SideBranchAttention"]
-
-SIDE_BRANCH = "dpvr_side_branch"
-"""Module name of the side branch, as in the HF patch, so the saved weights load by name."""
 
 SUPPORTED_ATTENTION_BACKENDS = ("CPU_ATTN",)
 """Attention backends whose metadata rewrite is tested (vLLM's CPU build)."""
@@ -141,9 +144,10 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         text_config = config.text_config
         decoder = self.language_model.model
         num_layers = len(decoder.layers)
-        settings = DPVRConfig.from_dict(saved)
-        self.route_layer, self.fusion_layers = validate_route(num_layers, settings.route_layer, settings.fusion_layers)
-        self.backend = settings.backend
+        try:
+            self.route_layer, self.fusion_layers, self.backend = checkpoint_route(saved, num_layers)
+        except ValueError as e:
+            raise ValueError(f"{ARCHITECTURE}: {e}") from None
         layer_cls = type(decoder.layers[0])
         if not issubclass(layer_cls, LlamaDecoderLayer):
             raise NotImplementedError(
@@ -196,10 +200,21 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     # ------------------------------------------------------------------------------------------- weights
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
-        # transformers >= 5 may save the CLIP tower flattened (vision_tower.embeddings...); vLLM's LLaVA, like the
-        # llava-hf checkpoints, names it vision_tower.vision_model.*: accept both layouts.
-        flat = re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)")
-        return super().load_weights((flat.sub(lambda m: m.group(0) + "vision_model.", k), w) for k, w in weights)
+        # Both CLIP tower layouts load (llava_hf_key). vLLM does not report a linear layer's missing weights, so a
+        # checkpoint whose side branch is incomplete would serve uninitialised weights: refuse it by name.
+        names: list[str] = []
+
+        def renamed():
+            for name, tensor in weights:
+                names.append(name)
+                yield llava_hf_key(name), tensor
+
+        loaded = super().load_weights(renamed())
+        try:
+            check_side_branch_weights(names, self.route_layer)
+        except ValueError as e:
+            raise ValueError(f"{ARCHITECTURE}: {e}") from None
+        return loaded
 
     # ------------------------------------------------------------------------------------------- forward
 
@@ -325,17 +340,17 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 self._vision_counts[first_block[i]] = vision_now
                 before.append(0)
                 continue
+            # The engine settings checked at start make both impossible; stop rather than answer wrongly.
             if vision_now:
-                raise ValueError(
+                raise RuntimeError(
                     f"{ARCHITECTURE}: a request has {vision_now} vision tokens after its prefill (position "
-                    f"{first_pos[i]}); DPVR-LF routes vision tokens at the prefill only. Serve with "
-                    "--no-enable-chunked-prefill and put the images in the prompt"
+                    f"{first_pos[i]}), so its prompt was prefilled in pieces although chunked prefill is off; "
+                    "please report this with the engine arguments"
                 )
             if first_block[i] not in self._vision_counts:
                 raise RuntimeError(
                     f"{ARCHITECTURE}: a request continues at position {first_pos[i]} but its prefill was not seen "
-                    "(prefix caching or chunked prefill on?); serve with --no-enable-prefix-caching "
-                    "--no-enable-chunked-prefill"
+                    "(it started from KV computed elsewhere); please report this with the engine arguments"
                 )
             before.append(first_pos[i] - self._vision_counts[first_block[i]])
         keep = [i for i in range(num_reqs) if q_text[i]]

@@ -179,12 +179,62 @@ def test_deep_layers_hold_blocks_for_text_tokens_only_so_more_requests_fit(tmp_p
     assert got["dpvr"]["peak_running"] > got["stock"]["peak_running"]
 
 
+CLI_FLAGS = {"enforce_eager": "--enforce-eager", "enable_prefix_caching": "--no-enable-prefix-caching",
+             "enable_chunked_prefill": "--no-enable-chunked-prefill"}
+
+
 @pytest.mark.parametrize("flag", sorted(REQUIRED_ENGINE_ARGS))
 def test_plugin_refuses_engine_settings_it_cannot_serve_exactly(folders, flag):
     _, dpvr = folders
     engine = {**REQUIRED_ENGINE_ARGS, flag: not REQUIRED_ENGINE_ARGS[flag]}
-    with pytest.raises(Exception, match=f"{ARCHITECTURE}.*needs.*{flag}"):
+    # the setting named with its CLI flag (every message also lists the whole required set afterwards)
+    with pytest.raises(Exception, match=rf"{ARCHITECTURE} \(DPVR-LF\) needs {flag}=.* \({CLI_FLAGS[flag]}\)"):
         vllm_greedy(dpvr, **engine)
+
+
+def _copy_folder(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_plugin_refuses_an_incomplete_side_branch(folders, tmp_path):
+    """vLLM does not report a linear layer's missing weights; without this check the side branch would be served
+    with an uninitialised down_proj."""
+    from safetensors.torch import load_file, save_file
+
+    dpvr = _copy_folder(folders[1], tmp_path / "dpvr")
+    state = load_file(dpvr / "model.safetensors")
+    (gone,) = [k for k in state if k.endswith("dpvr_side_branch.mlp.down_proj.weight")]
+    del state[gone]
+    save_file(state, dpvr / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"no side-branch weights for \['mlp.down_proj.weight'\]"):
+        vllm_greedy(dpvr, **REQUIRED_ENGINE_ARGS)
+
+
+def test_plugin_refuses_a_route_layer_out_of_range(folders, tmp_path):
+    dpvr = _copy_folder(folders[1], tmp_path / "dpvr")
+    config = json.loads((dpvr / "config.json").read_text())
+    config["dpvr"]["route_layer"] = 5
+    (dpvr / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"dpvr=.*not valid for its 6-layer decoder.*route_layer=5.*re-save"):
+        vllm_greedy(dpvr, **REQUIRED_ENGINE_ARGS)
+
+
+def test_plugin_loads_a_flat_clip_tower(tmp_path, stock_error):
+    """transformers 5 saves a CLIP tower built from a config flattened (vision_tower.embeddings...), unlike the
+    llava-hf checkpoints; the plugin loads both layouts."""
+    from model_folder import make_llava_folder
+    from safetensors import safe_open
+
+    stock = make_llava_folder(tmp_path / "stock", image_size=56, layers=6, seed=3, hidden=128, kv_heads=2,
+                              max_positions=2048)
+    dpvr = make_dpvr_folder(stock, tmp_path / "dpvr")
+    with safe_open(dpvr / "model.safetensors", framework="pt") as f:
+        assert any(".vision_tower.embeddings." in f".{k}" for k in f.keys()), "the folder is not flat"
+    error = greedy_error(vllm_greedy(dpvr, **REQUIRED_ENGINE_ARGS), hf_greedy(dpvr, patched=True), "flat CLIP")
+    assert error <= 2 * stock_error + 1e-5
 
 
 def _engine_config(**changes):

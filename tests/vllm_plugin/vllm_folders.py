@@ -4,7 +4,6 @@ lengths with 0, 1 and 2 images."""
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration
 
 import dpvr_kernels
-from dpvr_kernels.vllm import prepare_checkpoint
+from dpvr_kernels.vllm import llava_hf_key, prepare_checkpoint
 
 IMAGE_SIZE, PATCH = 56, 14  # 16 vision tokens per image
 ROUTE_LAYER = 3
@@ -45,9 +44,7 @@ def make_stock_folder(folder: Path, seed: int = 3, hidden: int = 128, heads: int
     # transformers 5 saves the CLIP tower flattened ([model.]vision_tower.embeddings...); stock vLLM 0.32 loads the
     # llava-hf layout (model.vision_tower.vision_model.embeddings...), which transformers also reads: use that.
     path = folder / "model.safetensors"
-    flat = re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)")
-    state = {flat.sub(r"\1vision_model.", k): v for k, v in load_file(path).items()}
-    save_file(state, path, metadata={"format": "pt"})
+    save_file({llava_hf_key(k): v for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
     return folder
 
 
