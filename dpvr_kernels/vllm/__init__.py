@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Iterable
 
-from ..models.llava import SIDE_BRANCH
+from ..models.llava import SIDE_BRANCH, saved_tensors
 
 __all__ = ["ARCHITECTURE", "REQUIRED_ENGINE_ARGS", "TESTED_VLLM_VERSION", "check_side_branch_weights",
            "check_vllm_version", "checkpoint_route", "llava_hf_key", "prepare_checkpoint", "register"]
@@ -139,7 +139,7 @@ def prepare_checkpoint(path: str | os.PathLike) -> str:
         raise ValueError(f"{config_path}: text_config.num_hidden_layers is missing; is this a LLaVA checkpoint?")
     try:
         route, _, _ = checkpoint_route(config["dpvr"], num_layers)
-        check_side_branch_weights(_safetensors_keys(os.fspath(path)), route)
+        check_side_branch_weights((key for key, _ in saved_tensors(os.fspath(path))), route)
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from None
     config["architectures"] = [ARCHITECTURE]
@@ -148,13 +148,3 @@ def prepare_checkpoint(path: str | os.PathLike) -> str:
         f.write("\n")
     return config_path
 
-
-def _safetensors_keys(folder: str) -> list[str]:
-    from safetensors import safe_open
-
-    keys = []
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), framework="pt") as f:
-                keys += list(f.keys())
-    return keys

@@ -274,8 +274,13 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
         if residual is None:  # route layer 0: the pre-route state is the embedding alone
             residual = torch.zeros_like(hidden)
-        text_h, image_h = route_split(hidden[None], plan, backend=self.backend)
-        text_r, image_r = route_split(residual[None], plan, backend=self.backend)
+        # Every token text (decode steps, no padding): the text stream is the states as they are, no gather/scatter.
+        all_text = plan.num_text == n
+        if all_text:
+            text_h, text_r = hidden, residual
+        else:
+            text_h, image_h = route_split(hidden[None], plan, backend=self.backend)
+            text_r, image_r = route_split(residual[None], plan, backend=self.backend)
 
         layout = self._text_stream_layout(step, positions, query_start, plan)
         if plan.num_text:
@@ -292,6 +297,8 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             side.self_attn.attn.segments = plan.image_seqlens
             side.self_attn.attn.positions = plan.image_position_ids
             image_h, image_r = side(plan.image_position_ids, image_h, image_r)
+        if all_text:
+            return text_h, text_r
         hidden = fuse_merge(text_h, image_h, hidden[None], plan, backend=self.backend)[0]
         residual = fuse_merge(text_r, image_r, residual[None], plan, backend=self.backend)[0]
         return hidden, residual
