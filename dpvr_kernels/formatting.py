@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["fmt_bytes", "fmt_count", "fmt_seconds", "fmt_si", "render_table"]
+__all__ = ["fmt_bytes", "fmt_count", "fmt_seconds", "fmt_si", "render_columns", "render_table"]
 
 
 def fmt_si(value: float, unit: str, digits: int = 3) -> str:
@@ -55,3 +55,15 @@ def render_table(title: Sequence[str], header: Sequence[str], rows: Sequence[Seq
         else:
             lines.append(f"  {r[0]:<{w0}}  {r[1]}".rstrip())
     return "\n".join(lines)
+
+
+def render_columns(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """A plain aligned table of any number of columns: the first ``left`` columns left-aligned, the rest right."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  " + "  ".join(f"{c:<{w}}" if i < left else f"{c:>{w}}"
+                                for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    head = line(header)
+    return "\n".join([head, "  " + "-" * (len(head) - 2), *(line(r) for r in rows)])

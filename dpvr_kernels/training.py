@@ -3,10 +3,13 @@
 The paper trains only the one-layer side branch that carries the image tokens past the route layer;
 everything else stays frozen. Typical use, distilling a patched student from a stock teacher::
 
-    teacher = copy.deepcopy(model).eval()        # stock copy, before patching
     dpvr_kernels.patch(model)
     print(mark_trainable(model))                 # side branch only; fusion_layers=True adds the last layer(s)
-    history = distill_side_branch(model, teacher, batches, steps=200, lr=1e-4)
+    history = distill_side_branch(model, None, batches, steps=200, lr=1e-4)   # teacher: the model's stock forward
+
+The teacher is the same weights under the stock forward (:func:`dpvr_kernels.stock_forward`), not a copy.
+``dpvr_kernels.distill`` runs this on LLaVA conversation data with the Hugging Face ``Trainer`` (DDP/FSDP,
+gradient accumulation, bf16, checkpoints and resume); ``dpvr-kernels distill`` is its command line.
 
 The patched model also trains with its own loss (``model(..., labels=labels)``), with the Hugging Face
 ``Trainer`` (which needs ``accelerate``) and with ``model.gradient_checkpointing_enable()``.
@@ -21,9 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models.llava import SIDE_BRANCH, _language_model, is_patched
+from .models.llava import SIDE_BRANCH, _language_model, is_patched, stock_forward
 
-__all__ = ["TrainableSummary", "distill_side_branch", "distillation_kl", "distillation_loss", "mark_trainable"]
+__all__ = [
+    "TrainableSummary",
+    "answer_kl",
+    "distill_side_branch",
+    "distillation_kl",
+    "distillation_loss",
+    "mark_trainable",
+]
 
 
 @dataclass
@@ -134,6 +144,24 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, attention_
     return kl.mean() * temperature**2
 
 
+def answer_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """``KL(teacher || student)`` at each position that predicts an answer token, ``[B, L-1]`` (zero elsewhere).
+
+    ``labels`` are ``[B, L]`` with the answer tokens' ids and -100 elsewhere (as a causal LM's labels): the logits
+    at position ``t`` predict token ``t + 1``, so the positions scored are those with ``labels[:, t + 1] != -100``.
+    Sum it and divide by the answer-token count (``(labels[:, 1:] != -100).sum()``) for the mean. Computed in
+    fp32; scaled by ``temperature ** 2`` as :func:`distillation_loss` is.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.shape[:2] != labels.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)}, teacher logits "
+                         f"{tuple(teacher_logits.shape)} and labels {tuple(labels.shape)} must agree on [B, L]")
+    where = (labels[:, 1:] != -100).to(student_logits.device)
+    log_s = F.log_softmax(student_logits[:, :-1].float() / temperature, -1)
+    log_t = F.log_softmax(teacher_logits[:, :-1].to(log_s.device).float() / temperature, -1)
+    kl = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1) * temperature**2
+    return torch.where(where, kl, torch.zeros_like(kl))
+
+
 def _model_inputs(batch: Mapping[str, Tensor | None], device: torch.device) -> dict[str, Tensor]:
     keys = ("input_ids", "attention_mask", "pixel_values", "position_ids")
     return {k: batch[k].to(device) for k in keys if batch.get(k) is not None}
@@ -145,6 +173,13 @@ def _device(model: nn.Module) -> torch.device:
 
 def _logits(model: nn.Module, batch: Mapping[str, Tensor | None]) -> Tensor:
     return model(**_model_inputs(batch, _device(model)), use_cache=False).logits
+
+
+def _teacher_logits(model: nn.Module, teacher: nn.Module | None, batch: Mapping[str, Tensor | None]) -> Tensor:
+    if teacher is not None:
+        return _logits(teacher, batch)
+    with stock_forward(model):
+        return _logits(model, batch)
 
 
 def _cycle(batches: Iterable[Mapping[str, Tensor]]) -> Iterator[Mapping[str, Tensor]]:
@@ -159,13 +194,15 @@ def _cycle(batches: Iterable[Mapping[str, Tensor]]) -> Iterator[Mapping[str, Ten
 
 
 @torch.no_grad()
-def distillation_kl(model: nn.Module, teacher: nn.Module, batches: Iterable[Mapping[str, Tensor]],
+def distillation_kl(model: nn.Module, teacher: nn.Module | None, batches: Iterable[Mapping[str, Tensor]],
                     temperature: float = 1.0) -> float:
-    """Mean :func:`distillation_loss` of ``model`` against ``teacher`` over ``batches`` (no gradients)."""
+    """Mean :func:`distillation_loss` of ``model`` against ``teacher`` over ``batches`` (no gradients);
+    ``teacher=None``: the model's own stock forward."""
     losses = []
     for batch in batches:
         mask = batch.get("attention_mask")
-        losses.append(float(distillation_loss(_logits(model, batch), _logits(teacher, batch), mask, temperature)))
+        target = _teacher_logits(model, teacher, batch)
+        losses.append(float(distillation_loss(_logits(model, batch), target, mask, temperature)))
     if not losses:
         raise ValueError("batches is empty")
     return sum(losses) / len(losses)
@@ -173,7 +210,7 @@ def distillation_kl(model: nn.Module, teacher: nn.Module, batches: Iterable[Mapp
 
 def distill_side_branch(
     model: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     batches: Iterable[Mapping[str, Tensor]],
     steps: int,
     lr: float,
@@ -191,9 +228,9 @@ def distill_side_branch(
 
     Args:
         model: the patched student. Left in the train/eval mode it had on entry.
-        teacher: the stock model with the same weights: ``copy.deepcopy(model)`` *before*
-            ``dpvr_kernels.patch(model)`` (or ``dpvr_kernels.unpatch(copy.deepcopy(model))``). Run in eval
-            mode without gradients.
+        teacher: ``None`` (recommended): the model's own stock forward is the teacher
+            (:func:`dpvr_kernels.stock_forward`, no second copy of the weights). Or a separate stock model with
+            the same weights (``copy.deepcopy(model)`` before ``patch``). Run in eval mode without gradients.
         batches: dicts with ``input_ids``, ``attention_mask`` and (optionally) ``pixel_values``,
             ``position_ids``; cycled if there are fewer than ``steps``.
         steps, lr: optimizer steps and AdamW learning rate.
@@ -207,13 +244,15 @@ def distill_side_branch(
         The loss of every step (before that step's update), as floats.
     """
     if teacher is model:
-        raise ValueError("teacher must be a separate stock copy: teacher = copy.deepcopy(model) before patch()")
+        raise ValueError("teacher=model would distil the student from itself: pass teacher=None to use the model's "
+                         "own stock forward as the teacher (dpvr_kernels.stock_forward), or a separate stock copy")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     mark_trainable(model, side_branch=True, fusion_layers=fusion_layers)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    teacher.eval()
+    if teacher is not None:
+        teacher.eval()
     was_training = model.training
     model.train()
     step_iter: Iterable[int] = range(steps)
@@ -227,7 +266,7 @@ def distill_side_branch(
         for _ in step_iter:
             batch = next(data)
             with torch.no_grad():
-                target = _logits(teacher, batch)
+                target = _teacher_logits(model, teacher, batch)
             loss = distillation_loss(_logits(model, batch), target, batch.get("attention_mask"), temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

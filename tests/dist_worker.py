@@ -3,6 +3,7 @@
     python dist_worker.py tp    OUT MODEL_DIR   # tensor parallel: logits, greedy generate, save + reload a side branch
     python dist_worker.py ddp   OUT MODEL_DIR   # HF Trainer under DDP: losses and side-branch weights
     python dist_worker.py fsdp  OUT MODEL_DIR   # FSDP2 fully_shard, a plain training loop
+    python dist_worker.py distill OUT MODEL_DIR DATA  # dpvr_kernels.distill (the Trainer) under DDP -> OUT/out
 
 Results go to OUT as torch.save files of rank 0; the test compares them with a single-process run. The process
 group is destroyed at the end of every mode.
@@ -195,13 +196,21 @@ def run_fsdp(out: Path, model_dir: str) -> None:
         torch.save({"losses": losses, "side": side, "refused": refused}, out / "fsdp.pt")
 
 
+def run_distill(out: Path, model_dir: str) -> None:
+    """Three distill steps, two records per rank; images under MODEL_DIR/data (test_distill.py's folder)."""
+    from dpvr_kernels.distill import distill
+
+    distill(model_dir, sys.argv[4], Path(model_dir) / "data", out / "out", route_layer=2, max_steps=3, lr=3e-3,
+            batch_size=2, progress=False, warmup=0)
+
+
 def main() -> None:
     mode, out, model_dir = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     torch.manual_seed(0)
     if mode != "tp":  # from_pretrained(tp_plan=...) starts the process group itself
         dist.init_process_group("gloo")
     try:
-        {"tp": run_tp, "ddp": run_ddp, "fsdp": run_fsdp}[mode](out, model_dir)
+        {"tp": run_tp, "ddp": run_ddp, "fsdp": run_fsdp, "distill": run_distill}[mode](out, model_dir)
         dist.barrier()
     finally:
         if dist.is_initialized():

@@ -1,4 +1,5 @@
-"""The ``dpvr-kernels`` command line: ``demo``, ``bench``, ``analyze`` and ``flops``, one module each.
+"""The ``dpvr-kernels`` command line: ``demo``, ``bench``, ``analyze``, ``flops``, ``distill`` and ``eval``, one
+module each.
 
 * ``demo`` (:mod:`.demo`): stock vs DPVR-LF on your checkpoint (``--model DIR --image FILE --prompt TEXT``) or
   a random-weight LLaVA: answers, prefill and decode timings next to the cost model's ideal, KV-cache bytes,
@@ -9,6 +10,12 @@
   and the route layer it suggests; table + PNG.
 * ``flops`` (:mod:`.flops`): parameters, FLOPs and KV bytes per route layer for named configs or config
   files.
+* ``distill`` (:mod:`.distill`): train the side branch on LLaVA conversation data (KL to the model's own stock
+  forward, Hugging Face ``Trainer``).
+* ``eval`` (:mod:`.eval`): stock vs DPVR-LF per route layer: accuracy per question type, agreement, answer KL,
+  FLOPs saved, throughput; table, JSON and plot.
+
+``--model demo`` and ``--model demo-dpvr`` name the digit-reading model that ships in the package.
 
 Shared helpers live in :mod:`.common`. Every subcommand has ``--help``; bad arguments exit with code 2 and
 a message that names the fix. Progress and warnings go to stderr, results to stdout.
@@ -20,7 +27,8 @@ import argparse
 
 import torch
 
-from . import analyze, bench, demo, flops
+from . import analyze, bench, demo, distill, flops
+from . import eval as eval_cmd
 from .common import default_threads
 
 __all__ = ["build_parser", "main"]
@@ -35,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "one-layer side branch and are fused back at the last layer.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in (demo, bench, analyze, flops):
+    for command in (demo, bench, analyze, flops, distill, eval_cmd):
         command.add_parser(sub)
     return parser
 

@@ -25,6 +25,7 @@ import inspect
 import os
 import types
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -465,7 +466,17 @@ def patch(model: nn.Module, route_layer: int | None = None, fusion_layers: int =
 
     side = distributed.copy_layer(model, lm, r)  # plain, tensor-parallel or offloaded layer r
     side.self_attn.config = varlen_config
-    if saved and not _load_saved_side_branch(model, side):
+    fits_saved = bool(saved) and (saved["route_layer"], saved.get("fusion_layers", 1)) == (r, settings.fusion_layers)
+    if saved and not fits_saved:
+        warnings.warn(
+            f"dpvr_kernels: the saved side branch (config.dpvr) was trained for route layer {saved['route_layer']} "
+            f"with {saved.get('fusion_layers', 1)} fusion layer(s); patching at route layer {r} with "
+            f"{settings.fusion_layers} starts an untrained copy of layer {r} instead (patch(model) without "
+            "route_layer uses the saved one)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    elif saved and not _load_saved_side_branch(model, side):
         warnings.warn(
             "dpvr_kernels: config.dpvr is set but no saved side-branch weights were found; the side branch "
             f"starts as a copy of layer {r}",
@@ -474,17 +485,31 @@ def patch(model: nn.Module, route_layer: int | None = None, fusion_layers: int =
         )
     lm.add_module(SIDE_BRANCH, side)
     for i in range(r, n - f):
-        attn = lm.layers[i].self_attn
-        state.original_attn_configs[i] = attn.config
-        attn.config = varlen_config
-
+        state.original_attn_configs[i] = lm.layers[i].self_attn.config
     lm._dpvr_state = state
+    _bind(model, lm, state)
+    model.config.dpvr = settings.to_dict()
+    return model
+
+
+def _bind(model: nn.Module, lm: nn.Module, state: _PatchState) -> None:
+    """Install the DPVR-LF forward on the instance: the methods, and the varlen attention of the deep layers."""
+    for i in state.original_attn_configs:
+        lm.layers[i].self_attn.config = state.varlen_config
     lm.forward = types.MethodType(dpvr_language_forward, lm)
     model.model.forward = types.MethodType(_llava_model_forward, model.model)
     model.generate = types.MethodType(_generate, model)
     model.create_masks_for_generate = types.MethodType(_masks_for_generate, model)
-    model.config.dpvr = settings.to_dict()
-    return model
+
+
+def _unbind(model: nn.Module, lm: nn.Module, state: _PatchState) -> None:
+    """Undo :func:`_bind`: the class's own (stock) methods and attention configs again."""
+    for i, cfg in state.original_attn_configs.items():
+        lm.layers[i].self_attn.config = cfg
+    for obj in (lm, model.model):
+        obj.__dict__.pop("forward", None)
+    for name in ("generate", "create_masks_for_generate"):
+        model.__dict__.pop(name, None)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -493,13 +518,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     state: _PatchState | None = getattr(lm, "_dpvr_state", None)
     if state is None:
         raise ValueError("model is not patched by dpvr_kernels (nothing to unpatch)")
-    for i, cfg in state.original_attn_configs.items():
-        lm.layers[i].self_attn.config = cfg
+    _unbind(model, lm, state)
     delattr(lm, SIDE_BRANCH)
-    for obj in (lm, model.model):
-        obj.__dict__.pop("forward", None)
-    for name in ("generate", "create_masks_for_generate"):
-        model.__dict__.pop(name, None)
     del lm._dpvr_state
     if hasattr(model.config, "dpvr"):
         del model.config.dpvr
@@ -509,6 +529,31 @@ def unpatch(model: nn.Module) -> nn.Module:
 def is_patched(model: nn.Module) -> bool:
     """True when :func:`patch` has been applied to ``model``."""
     return getattr(getattr(getattr(model, "model", None), "language_model", None), "_dpvr_state", None) is not None
+
+
+@contextlib.contextmanager
+def stock_forward(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, a patched model computes its **stock** forward with the same weights (no second copy):
+    the teacher of a side-branch distillation (at 7B a copy would be 14 GB more).
+
+    Its logits are bit-equal to the unpatched model's; the side branch stays in the module tree (and in the
+    optimizer) but is not called. On an unpatched model this does nothing. Not re-entrant across threads: the
+    instance's methods are swapped for the duration of the block::
+
+        with torch.no_grad(), dpvr_kernels.stock_forward(model):
+            teacher_logits = model(**batch).logits
+        student_logits = model(**batch).logits        # DPVR-LF again
+    """
+    if not is_patched(model):
+        yield model
+        return
+    lm = _language_model(model)
+    state: _PatchState = lm._dpvr_state
+    _unbind(model, lm, state)
+    try:
+        yield model
+    finally:
+        _bind(model, lm, state)
 
 
 @contextlib.contextmanager
