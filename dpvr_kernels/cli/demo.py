@@ -12,6 +12,7 @@ Exit code 0 when the numerics PASS, 1 when they FAIL, 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -21,10 +22,13 @@ from typing import Any
 
 import torch
 
+import dpvr_kernels
+
 from ..flops import cost_model
 from ..formatting import fmt_bytes, fmt_seconds, fmt_si, render_table
 from ..presets import size_config
 from ..vision_tokens import tokens_per_image
+from . import demo_shipped
 from .common import (
     BACKENDS,
     FP32_TOLERANCE,
@@ -51,14 +55,21 @@ from .common import (
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``demo`` on the subparsers ``sub``."""
     p = sub.add_parser("demo", allow_abbrev=False,
-                       help="stock vs DPVR-LF on your model (--model) or a random-weight LLaVA: answers, speed, "
-                            "KV cache, numerics",
-                       description="Run stock and DPVR-LF on the same inputs: with --model DIR your checkpoint, its "
-                                   "processor, --image and --prompt (both answers side by side); else a LLaVA with "
-                                   "random weights on synthetic prompts. Prints prefill and decode timings next to "
-                                   "the cost model's ideal, KV-cache bytes, and the numerics check against the "
-                                   "reference forward. Exit code 1 if numerics FAIL.")
-    add_common(p, "Default: cpu on CPU, 7b on CUDA.")
+                       help="stock vs DPVR-LF: the shipped digit-reading model (default), your model (--model) or "
+                            "a random-weight LLaVA (--size): answers, accuracy, speed, KV cache, numerics",
+                       description="Run stock and DPVR-LF on the same inputs. By default the shipped model (a LLaVA "
+                                   "trained here on real handwritten digits) and its distilled DPVR-LF side branch: "
+                                   "held-out digit grids with both answers and the truth, held-out accuracy, speed "
+                                   "and numerics. With --model DIR your checkpoint, its processor, --image and "
+                                   "--prompt (both answers side by side); with --size a LLaVA with random weights on "
+                                   "synthetic prompts. Prints prefill and decode timings next to the cost model's "
+                                   "ideal, KV-cache bytes, and the numerics check against the reference forward. "
+                                   "Exit code 1 if numerics FAIL.")
+    add_common(p, "Without --size and --model: the shipped digit-reading model, stock vs distilled DPVR-LF.")
+    p.add_argument("--samples", type=positive_int, default=None,
+                   help="shipped model: held-out grids shown with both answers and the truth (default 8)")
+    p.add_argument("--held-out", type=positive_int, default=None,
+                   help="shipped model: held-out grids scored for accuracy (default 1000, the README's)")
     p.add_argument("--max-new-tokens", type=positive_int, default=24,
                    help="with --model: greedy answer length in tokens (default 24)")
     p.add_argument("--batch", type=positive_int, default=None,
@@ -88,6 +99,17 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``dpvr-kernels demo``; returns the exit code."""
     check_model_args(parser, args)
+    if demo_shipped.is_shipped_demo(args):
+        synthetic_only = [name for name, value in (("--text-tokens", args.text_tokens), ("--images", args.images),
+                                                   ("--pad", args.pad), ("--steps", args.steps),
+                                                   ("--route-layer", args.route_layer)) if value is not None]
+        if synthetic_only:
+            parser.error(f"{', '.join(synthetic_only)}: not options of the shipped-model demo (its DPVR-LF model is "
+                         "distilled at its own route layer); use them with --size or --model")
+        return demo_shipped.run_shipped(demo_shipped.defaults(args), parser)
+    if demo_shipped.shipped_only(args):
+        parser.error(f"{', '.join(demo_shipped.shipped_only(args))} go with the shipped-model demo (no --model, "
+                     "no --size)")
     if args.model is not None:
         synthetic_only = [name for name, value in (("--text-tokens", args.text_tokens), ("--images", args.images),
                                                    ("--pad", args.pad), ("--steps", args.steps)) if value is not None]
@@ -176,7 +198,7 @@ def _demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from ..models.llava import _CACHE_KW
     from ..ops.backends import resolve_backend
     from ..reference import reference_forward
-    from ..workloads import generate_position_ids, set_dpvr
+    from ..workloads import generate_position_ids
 
     device = resolve_device(parser, args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -188,19 +210,26 @@ def _demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     repeats = args.repeats if args.repeats is not None else (5 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else 1
     n_layers = config.text_config.num_hidden_layers
-    r, f = route_or_exit(parser, config, args.route_layer, args.fusion_layers)
-
-    def set_mode(mode: str) -> None:
-        set_dpvr(model, mode == "dpvr", route_layer=r, fusion_layers=f, backend=args.backend)
-
+    saved = getattr(config, "dpvr", None)  # a distilled checkpoint: its side branch and route layer
+    if saved and args.route_layer is None:
+        r, f = route_or_exit(parser, config, saved["route_layer"], saved["fusion_layers"])
+    else:
+        r, f = route_or_exit(parser, config, args.route_layer, args.fusion_layers)
     try:  # an unsupported class or bad settings fail here, with the library's message, before any timing
-        set_mode("dpvr")
+        dpvr_kernels.patch(model, route_layer=r, fusion_layers=f, backend=args.backend)
         resolve_backend(args.backend, run_device)
         params_side = sum(p.numel() for p in model.model.language_model.dpvr_side_branch.parameters())
     except (ValueError, RuntimeError, TypeError, NotImplementedError) as exc:
         parser.error(f"--model {args.model}: DPVR-LF cannot patch this model: {exc}")
-    set_mode("stock")
-    params_stock = sum(p.numel() for p in model.parameters())
+    distilled = bool(saved) and (saved["route_layer"], saved["fusion_layers"]) == (r, f)
+    params_stock = sum(p.numel() for p in model.parameters()) - params_side
+    # Stock is the same weights under dpvr_kernels.stock_forward: the patch (and a distilled side branch) stays.
+    modes = contextlib.ExitStack()
+
+    def set_mode(mode: str) -> None:
+        modes.close()
+        if mode == "stock":
+            modes.enter_context(dpvr_kernels.stock_forward(model))
 
     kwargs = inputs.kwargs
     mask = inputs.attention_mask
@@ -314,15 +343,21 @@ def _demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     print(f"\nanswers (greedy, up to {args.max_new_tokens} new tokens; sample 1 of {bsz}):")
     print(f"  {'stock':<{width}}  |  DPVR-LF")
     print(f"  {stock['answer']:<{width}}  |  {dpvr['answer']}")
-    print("  same tokens" if same else
-          f"  the answers differ from token {first_diff} on: DPVR-LF computes the deep layers without the image "
-          f"tokens and its side branch is an untrained copy of layer {r}; distill it "
-          f"(dpvr_kernels.distill_side_branch) to bring the answers together")
+    if same:
+        print("  same tokens")
+    elif distilled:
+        print(f"  the answers differ from token {first_diff} on, with the distilled side branch; measure how often "
+              "on your data with `dpvr-kernels eval`")
+    else:
+        print(f"  the answers differ from token {first_diff} on: DPVR-LF computes the deep layers without the image "
+              f"tokens and its side branch is an untrained copy of layer {r}; distill it (`dpvr-kernels distill`) to "
+              "bring the answers together")
     print(f"numerics: {'PASS' if passed else 'FAIL'} (max relative error {err:.3e}, tolerance {tolerance:.0e})")
 
     if args.json:
         _write_json(args.json, {
             "random_weights": False, "model": args.model, "class": type(model).__name__, "device": str(run_device),
+            "distilled_side_branch": distilled,
             "dtype": dtype_name(dtype), "torch": torch.__version__, "batch": bsz, "prompt": inputs.prompt_text,
             "images": inputs.image_files, "tokens": {"image": n_vision, "text": n_text}, "route_layer": r,
             "fusion_layers": f,

@@ -41,6 +41,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--config-file", action="append", default=None, metavar="PATH",
                    help="a LLaVA-family config.json of a checkpoint (llava, llava_next, llava_next_video, "
                         "llava_onevision, vipllava), repeatable")
+    p.add_argument("--model", action="append", default=None, metavar="DIR",
+                   help="a model folder (its config.json), or demo / demo-dpvr (the shipped digit model), repeatable")
     p.add_argument("--image-size", action="append", type=_hw, default=None, metavar="HxW",
                    help="an image per sample of HEIGHTxWIDTH pixels, repeatable (default: one typical image: "
                         f"{typical}; the tower's input size for --config-file)")
@@ -96,7 +98,19 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.image_tokens is not None and (args.image_size or args.video_frames):
         parser.error("--image-tokens replaces --image-size/--video-frames (whole images as tokens); pass one or the "
                      "other")
+    from pathlib import Path
+
+    from ..assets import resolve_model_name
+
     entries: list[tuple[str, Any, tuple[int, int]]] = []
+    for spec in args.model or []:
+        try:
+            folder = Path(resolve_model_name(spec))
+        except FileNotFoundError as exc:
+            parser.error(f"--model {spec}: {exc}")
+        if not (folder / "config.json").is_file():
+            parser.error(f"--model {spec}: no config.json in {folder}; pass a folder written by save_pretrained")
+        args.config_file = [*(args.config_file or []), str(folder / "config.json")]
     names = args.config or ([] if args.config_file else list(NAMED_CONFIGS))
     for name in names:
         key = name.strip().lower()
