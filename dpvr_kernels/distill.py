@@ -4,7 +4,8 @@ The student is the patched model (DPVR-LF forward); the teacher is **the same we
 (:func:`dpvr_kernels.stock_forward`), so no second copy of the model is held. The loss is ``KL(teacher ||
 student)`` on the answer tokens (plus an optional LM loss on them), summed and divided by the answer-token count
 of the whole optimizer step (across gradient-accumulation steps and ranks), so one process, DDP and gradient
-accumulation give the same update. Only the side branch (optionally the fusion layers) trains.
+accumulation give the same update. Only the side branch (optionally the fusion layers) trains; where the fusion
+layers train, the teacher computes with a kept copy of their original weights, so it stays the original model.
 
 Everything else comes from ``Trainer``: DDP/FSDP under ``torchrun`` or ``accelerate launch``, gradient
 accumulation, bf16, checkpoints and ``resume_from_checkpoint``, logging and the progress bar. Checkpoints hold
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from transformers import Trainer
 
 from .conversations import DataError, Example, collate, encode, image_names, load_records, read_images
-from .models.llava import SIDE_BRANCH, is_patched, patch, stock_forward
+from .models.llava import SIDE_BRANCH, is_patched, keep_stock_weights, patch, stock_forward
 from .training import answer_kl, mark_trainable
 
 __all__ = [
@@ -115,6 +116,12 @@ class DistillTrainer(Trainer):
                              "dpvr_kernels.mark_trainable(model) first")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if self.is_fsdp_enabled and any(
+                p.requires_grad for n, p in self.accelerator.unwrap_model(self.model).named_parameters()
+                if SIDE_BRANCH not in n):
+            raise ValueError("training the fusion layers under FSDP is not supported (the teacher swaps in their "
+                             "original weights, which FSDP's flat parameters do not allow): use DDP, or train the "
+                             "side branch only")
         self.lm_weight, self.temperature = lm_weight, temperature
         # The loss below sums over answer tokens and divides by the step's count: tell the Trainer to count them
         # (labels[:, 1:] != -100, gathered over ranks) and not to divide by the accumulation steps again.
@@ -208,7 +215,8 @@ def _side_branch_prefix(model: nn.Module) -> str:
 
 def load_side_branch(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Apply a side-branch-only folder (:func:`save_distilled` with ``side_branch_only``) to a base model: patch
-    it with the saved settings and load the trained tensors. Returns ``model``.
+    it with the saved settings and load the trained tensors. Where the folder holds trained fusion layers, the
+    base's are kept for :func:`~dpvr_kernels.stock_forward`. Returns ``model``.
 
     Raises:
         FileNotFoundError: ``path`` has no ``dpvr_side_branch.json``/``.safetensors``.
@@ -243,6 +251,11 @@ def load_side_branch(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     missing = [k for k in own if k.startswith(_side_branch_prefix(model)) and k not in state]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} side-branch tensor(s) (e.g. {missing[0]}); re-run distill")
+    if any(not k.startswith(_side_branch_prefix(model)) for k in state):
+        # The fusion layers trained too: keep the base's, so stock_forward (eval's stock row, a further
+        # distillation's teacher) is still the base model.
+        lm = model.model.language_model
+        keep_stock_weights(model, list(lm.layers[len(lm.layers) - int(dpvr["fusion_layers"]):]))
     model.load_state_dict(state, strict=False)
     return model
 

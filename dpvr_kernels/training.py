@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models.llava import SIDE_BRANCH, _language_model, is_patched, stock_forward
+from .models.llava import SIDE_BRANCH, _language_model, is_patched, keep_stock_weights, stock_forward
 
 __all__ = [
     "TrainableSummary",
@@ -71,7 +71,9 @@ def mark_trainable(model: nn.Module, side_branch: bool = True, fusion_layers: bo
     Args:
         model: a LLaVA model patched by :func:`dpvr_kernels.patch` (any device, ``meta`` included).
         side_branch: train ``model.model.language_model.dpvr_side_branch``.
-        fusion_layers: also train the last ``config.dpvr["fusion_layers"]`` decoder layers.
+        fusion_layers: also train the last ``config.dpvr["fusion_layers"]`` decoder layers. Their original
+            weights are kept first (a frozen copy, one decoder layer each; :func:`~dpvr_kernels.models.llava.
+            keep_stock_weights`), so the stock forward, the distillation teacher, stays the original model.
 
     Returns:
         A :class:`TrainableSummary`; ``print()`` it for a readable report.
@@ -91,7 +93,9 @@ def mark_trainable(model: nn.Module, side_branch: bool = True, fusion_layers: bo
         chosen.append(getattr(lm, SIDE_BRANCH))
     if fusion_layers:
         f = int(model.config.dpvr["fusion_layers"])
-        chosen += list(lm.layers[len(lm.layers) - f :])
+        fusion = list(lm.layers[len(lm.layers) - f :])
+        keep_stock_weights(model, fusion)
+        chosen += fusion
 
     for p in model.parameters():
         p.requires_grad_(False)

@@ -76,6 +76,29 @@ def test_stock_forward_is_bit_equal_to_unpatched(folder):
         assert torch.equal(_logits(plain, batch), stock)
 
 
+def test_training_the_fusion_layers_keeps_the_teacher(folder):
+    """With the fusion layers trainable, the stock forward (the teacher) still computes with their original
+    weights: a teacher that moved with the student would let both meet halfway (low KL, wrong answers)."""
+    batch = _batch(folder, _records(4))
+    stock = _logits(_load(folder), batch)
+    model = dpvr_kernels.patch(_load(folder), route_layer=ROUTE)
+    last = model.model.language_model.layers[-1]
+    before = {n: p.detach().clone() for n, p in last.named_parameters()}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    dpvr_kernels.distill_side_branch(model, None, [inputs], steps=3, lr=1e-2, fusion_layers=True)
+    assert any(not torch.equal(p, before[n]) for n, p in last.named_parameters())  # the fusion layer trained
+    with torch.no_grad(), dpvr_kernels.stock_forward(model):
+        assert torch.equal(_logits(model, batch), stock)
+    assert any(not torch.equal(p, before[n]) for n, p in last.named_parameters())  # and is back after the block
+    assert not any("dpvr_stock" in k for k in model.state_dict())  # the copies are not saved
+    dpvr_kernels.mark_trainable(model, fusion_layers=True)  # again: still the original weights, not the trained
+    with torch.no_grad(), dpvr_kernels.stock_forward(model):
+        assert torch.equal(_logits(model, batch), stock)
+    dpvr_kernels.unpatch(model)  # drops the copies; the stock model now has the trained fusion layer
+    assert not any("dpvr_stock" in n for n, _ in model.named_buffers())
+    assert not torch.allclose(_logits(model, batch), stock, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------- conversation data
 
 
@@ -219,6 +242,8 @@ def test_side_branch_only_output(folder, tmp_path):
     first = _logits(model, batch)
     assert torch.equal(_logits(dpvr_kernels.load_side_branch(_load(folder), out), batch), first)
     assert not torch.allclose(first, _logits(dpvr_kernels.patch(_load(folder), route_layer=ROUTE), batch))
+    with dpvr_kernels.stock_forward(model):  # the folder's fusion layer trained; stock is still the base's
+        assert torch.equal(_logits(model, batch), _logits(_load(folder), batch))
     with pytest.raises(ValueError, match="patched with"):
         load_side_branch(dpvr_kernels.patch(_load(folder), route_layer=ROUTE - 1), out)
     with pytest.raises(FileNotFoundError, match="dpvr_side_branch.json"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         import dpvr_kernels
 
         dpvr_kernels.patch(model)  # restores the distilled side branch with its settings
+        trained = Path(model_dir) / "distill.json"
+        if trained.is_file() and json.loads(trained.read_text()).get("settings", {}).get("train_fusion"):
+            print(f"warning: the fusion layers of {args.model} were trained, so its stock row is not the base "
+                  "model's; for that, distil with --side-branch-only and pass the base as --model with "
+                  "--side-branch", file=sys.stderr)
         own = model.config.dpvr["route_layer"]
         if args.route_layers not in (None, [own]):
             parser.error(f"--route-layers: {args.model} has a distilled side branch at route layer {own}; it is "

@@ -67,6 +67,9 @@ class _PatchState:
     user_attn: str
     varlen_config: object
     original_attn_configs: dict[int, object] = field(default_factory=dict)
+    stock_copies: list[tuple[nn.Module, str, str]] = field(default_factory=list)
+    """(module, parameter name, buffer name): frozen copies of stock weights that training changes (the fusion
+    layers), which :func:`stock_forward` swaps in; see :func:`keep_stock_weights`."""
 
 
 # --------------------------------------------------------------------------------------------- forward
@@ -519,6 +522,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     if state is None:
         raise ValueError("model is not patched by dpvr_kernels (nothing to unpatch)")
     _unbind(model, lm, state)
+    for module, _, buffer in state.stock_copies:
+        delattr(module, buffer)
     delattr(lm, SIDE_BRANCH)
     del lm._dpvr_state
     if hasattr(model.config, "dpvr"):
@@ -531,14 +536,59 @@ def is_patched(model: nn.Module) -> bool:
     return getattr(getattr(getattr(model, "model", None), "language_model", None), "_dpvr_state", None) is not None
 
 
+_STOCK_COPY = "dpvr_stock__"
+
+
+def keep_stock_weights(model: nn.Module, modules: list[nn.Module]) -> int:
+    """Keep frozen copies of ``modules``' parameters, which :func:`stock_forward` computes with.
+
+    Call it before training stock weights (the fusion layers): the teacher of a distillation is the stock
+    forward, and it must stay the *original* model while the student's fusion layers move. The copies are
+    non-persistent buffers on the modules (they follow ``.to()`` and are left out of ``state_dict`` and saved
+    folders); :func:`unpatch` drops them. Idempotent per module. Returns the number of elements kept.
+    """
+    lm = _language_model(model)
+    state: _PatchState | None = getattr(lm, "_dpvr_state", None)
+    if state is None:
+        raise ValueError("keep_stock_weights needs a patched model: dpvr_kernels.patch(model) first")
+    kept = {id(m) for m, _, _ in state.stock_copies}
+    count = 0
+    for module in modules:
+        if id(module) in kept:
+            continue
+        for name, param in module.named_parameters():
+            buffer = _STOCK_COPY + name.replace(".", "__")
+            module.register_buffer(buffer, param.detach().clone(), persistent=False)
+            state.stock_copies.append((module, name, buffer))
+            count += param.numel()
+    return count
+
+
+@contextlib.contextmanager
+def _stock_weights(state: _PatchState) -> Iterator[None]:
+    """Swap the kept stock copies into their parameters' storage for the block (autograd does not see it)."""
+    swapped = []
+    for module, name, buffer in state.stock_copies:
+        param = module.get_parameter(name)
+        swapped.append((param, param.data))
+        param.data = getattr(module, buffer)
+    try:
+        yield
+    finally:
+        for param, data in swapped:
+            param.data = data
+
+
 @contextlib.contextmanager
 def stock_forward(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, a patched model computes its **stock** forward with the same weights (no second copy):
     the teacher of a side-branch distillation (at 7B a copy would be 14 GB more).
 
     Its logits are bit-equal to the unpatched model's; the side branch stays in the module tree (and in the
-    optimizer) but is not called. On an unpatched model this does nothing. Not re-entrant across threads: the
-    instance's methods are swapped for the duration of the block::
+    optimizer) but is not called. Where stock weights train (the fusion layers, see
+    :func:`keep_stock_weights`), the block computes with their original values, so the teacher stays the
+    original model. On an unpatched model this does nothing. Not re-entrant across threads: the instance's
+    methods are swapped for the duration of the block::
 
         with torch.no_grad(), dpvr_kernels.stock_forward(model):
             teacher_logits = model(**batch).logits
@@ -551,7 +601,8 @@ def stock_forward(model: nn.Module) -> Iterator[nn.Module]:
     state: _PatchState = lm._dpvr_state
     _unbind(model, lm, state)
     try:
-        yield model
+        with _stock_weights(state):
+            yield model
     finally:
         _bind(model, lm, state)
 
