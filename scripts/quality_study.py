@@ -12,8 +12,9 @@ controls (chance per question type, accuracy with shuffled images).
 
 The distillation data are 20,000 grids of training digits in LLaVA's conversation format (written under
 ``--work``), the same files ``dpvr-kernels distill`` reads. Writes ``OUT.json``, ``OUT.md`` and ``OUT.png``.
-``--ship`` saves the recommended model (the most prefill FLOPs saved at a loss of at most 2 points) as the
-package's ``demo-dpvr`` folder.
+``--ship`` saves the recommended model (the most prefill FLOPs saved at a loss of at most 2 points; then the
+fewest trained parameters) as the package's ``demo-dpvr`` folder. ``--render-only`` rewrites the reports from
+``OUT.json`` (with ``--ship``, ships again from the runs under ``--work``).
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ def render_markdown(results: dict, total_params: int) -> str:
               f"{sat['suggested_route_layer']}."]
     best = results.get("recommended")
     if best:
-        lines += ["", f"Recommended (the most FLOPs saved at a loss of at most 2 points): route layer "
-                  f"{best['route_layer']}, fusion layers {best['fusion_layers']}, {best['variant']}: "
+        lines += ["", "Recommended (the most FLOPs saved at a loss of at most 2 points, then the fewest trained "
+                  f"parameters): route layer {best['route_layer']}, fusion layers {best['fusion_layers']}, {best['variant']}: "
                   f"{_pct(best['accuracy']['overall'])} % vs stock {_pct(stock['overall'])} %, "
                   f"{100 * best['flops_saved']:.1f} % of prefill FLOPs saved."]
     return "\n".join(lines) + "\n"
@@ -153,6 +154,35 @@ def write_reports(results: dict, out: str, model_dir: str) -> None:
     render_plot(results, out + ".png")
 
 
+def recommend(results: dict) -> dict | None:
+    """The distilled row that saves the most prefill FLOPs at a loss of at most 2 points; among those, the one
+    that trains the fewest parameters (the side branch alone keeps the stock weights, so unpatching gives the
+    original model back), then the most accurate."""
+    stock_acc = results["stock"]["accuracy"]["overall"]
+    ok = [row for row in results["rows"] if row["variant"] != "untrained"
+          and row["accuracy"]["overall"] >= stock_acc - 0.02]
+    return max(ok, key=lambda row: (row["flops_saved"], -row["trainable"], row["accuracy"]["overall"]),
+               default=None)
+
+
+def ship(results: dict, model_dir: str, processor) -> Path:
+    """Write the recommended row's model as the package's ``demo-dpvr`` folder."""
+    best = results["recommended"]
+    target = Path(dpvr_kernels.__file__).parent / "data" / "demo-dpvr"
+    if target.exists():
+        shutil.rmtree(target)
+    student = load_side_branch(load(model_dir), best["side_branch_dir"])
+    student.save_pretrained(target)
+    processor.save_pretrained(target)
+    settings = {"route_layer": best["route_layer"], "fusion_layers": best["fusion_layers"],
+                "train_fusion": "fusion layer" in best["variant"], "variant": best["variant"],
+                "base_model": "demo", **results["distill"]}
+    info = {"settings": settings, "result": {"held_out_accuracy": best["accuracy"],
+                                             "stock_accuracy": results["stock"]["accuracy"]}}
+    (target / "distill.json").write_text(json.dumps(info, indent=1) + "\n")
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model", default=None, help="stock model folder (default: the shipped demo model)")
@@ -171,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model_dir = args.model or dpvr_kernels.demo_model()
-    if args.render_only:
-        write_reports(json.loads(Path(args.out + ".json").read_text()), args.out, model_dir)
+    if args.render_only:  # and, with --ship, ship the recommendation again (the runs under --work must exist)
+        results = json.loads(Path(args.out + ".json").read_text())
+        results["recommended"] = recommend(results)
+        Path(args.out + ".json").write_text(json.dumps(results, indent=1) + "\n")
+        write_reports(results, args.out, model_dir)
+        if args.ship and results["recommended"] is not None:
+            print(f"wrote {ship(results, model_dir, AutoProcessor.from_pretrained(model_dir, local_files_only=True))}")
         return 0
     work = Path(args.work)
     data = write_data(work, args.train, args.test)
@@ -245,30 +280,14 @@ def main(argv: list[str] | None = None) -> int:
         results["rows"].append(distilled_row(r, "distilled", fusion_layers=2))
         results["rows"].append(distilled_row(r, "distilled + fusion layer", fusion_layers=2, train_fusion=True))
 
-    # --- recommendation: the most FLOPs saved at a loss of at most 2 points (distilled rows, fusion_layers=1 first)
-    stock_acc = results["stock"]["accuracy"]["overall"]
-    ok = [row for row in results["rows"] if row["variant"] != "untrained"
-          and row["accuracy"]["overall"] >= stock_acc - 0.02]
-    best = max(ok, key=lambda row: (row["flops_saved"], row["accuracy"]["overall"]), default=None)
-    results["recommended"] = best
+    results["recommended"] = recommend(results)
     results["seconds"] = time.time() - started
     Path(args.out + ".json").write_text(json.dumps(results, indent=1) + "\n")
     write_reports(results, args.out, model_dir)
+    best = results["recommended"]
     log(f"recommended: {None if best is None else (best['route_layer'], best['fusion_layers'], best['variant'])}")
     if args.ship and best is not None:
-        target = Path(dpvr_kernels.__file__).parent / "data" / "demo-dpvr"
-        if target.exists():
-            shutil.rmtree(target)
-        student = load_side_branch(load(model_dir), best["side_branch_dir"])
-        student.save_pretrained(target)
-        processor.save_pretrained(target)
-        settings = {"route_layer": best["route_layer"], "fusion_layers": best["fusion_layers"],
-                    "train_fusion": "fusion layer" in best["variant"], "variant": best["variant"],
-                    "base_model": "demo", **results["distill"]}
-        info = {"settings": settings, "result": {"held_out_accuracy": best["accuracy"],
-                                                 "stock_accuracy": results["stock"]["accuracy"]}}
-        (target / "distill.json").write_text(json.dumps(info, indent=1) + "\n")
-        log(f"wrote {target}")
+        log(f"wrote {ship(results, model_dir, processor)}")
     return 0
 
 
