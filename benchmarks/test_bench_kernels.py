@@ -107,7 +107,7 @@ class Batch:
 
     @property
     def packed_rows(self) -> int:
-        return self.plan.num_text + self.plan.num_image
+        return self.plan.num_text + self.plan.num_vision
 
 
 def _layout() -> tuple[Tensor, Tensor, Tensor]:
@@ -126,14 +126,14 @@ def _layout() -> tuple[Tensor, Tensor, Tensor]:
 def batch() -> Batch:
     input_ids, attention_mask, position_ids = (t.to(DEVICE) for t in _layout())
     plan = dpvr_kernels.build_route_plan(input_ids, attention_mask, IMAGE_TOKEN_ID, position_ids)
-    assert plan.num_image == B * NUM_IMAGE_TOKENS, plan
+    assert plan.num_vision == B * NUM_IMAGE_TOKENS, plan
     hidden = torch.randn(B, L, D, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
     valid = attention_mask.bool()
     image_mask = (input_ids == IMAGE_TOKEN_ID) & valid
     text_mask = valid & ~image_mask
     flat = hidden.view(-1, D)
     text = flat.index_select(0, plan.text_index)
-    image = flat.index_select(0, plan.image_index)
+    image = flat.index_select(0, plan.vision_index)
     _sync()
     base = torch.randn_like(hidden)
     return Batch(hidden, plan, text_mask, image_mask, text, image, base)
@@ -171,7 +171,7 @@ SPLIT_CASES = (
 def _split_fn(case: str, bt: Batch) -> tuple[Callable[[], object], str]:
     hidden, plan = bt.hidden, bt.plan
     flat = hidden.view(-1, D)
-    ti, ii = plan.text_index, plan.image_index
+    ti, ii = plan.text_index, plan.vision_index
     n = bt.packed_rows
     if case == "index_select x2":
         return (lambda: (flat.index_select(0, ti), flat.index_select(0, ii))), "two launches / passes"
@@ -248,7 +248,7 @@ MERGE_CASES = (
 
 def _merge_fn(case: str, bt: Batch) -> tuple[Callable[[], object], str]:
     base, plan, text, image = bt.base, bt.plan, bt.text, bt.image
-    ti, ii = plan.text_index, plan.image_index
+    ti, ii = plan.text_index, plan.vision_index
     if case == "clone + index_copy_ x2":
 
         def clone_index_copy():

@@ -16,7 +16,8 @@ from .assets import demo_model
 from .config import DPVRConfig
 from .flops import cost_model
 from .models.cache import DPVRCache, DPVRStaticCache, kv_cache_bytes
-from .models.llava import describe, is_patched, patch, stock_forward, unpatch
+from .models.describe import describe
+from .models.patching import is_patched, patch, stock_forward, unpatch
 from .ops import fuse_merge, route_split
 from .plan import RoutePlan, build_route_plan, build_route_plan_from_mask
 from .training import answer_kl, distill_side_branch, distillation_loss, mark_trainable

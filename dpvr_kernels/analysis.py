@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import default_route_layer
-from .models.llava import is_patched
+from .models.patching import is_patched
 from .workloads import generate_position_ids
 
 __all__ = [

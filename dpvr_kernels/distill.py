@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from transformers import Trainer
 
 from .conversations import DataError, Example, collate, encode, image_names, load_records, read_images
-from .models.llava import SIDE_BRANCH, is_patched, keep_stock_weights, patch, stock_forward
+from .models.backbone import SIDE_BRANCH, language_model, side_branch
+from .models.patching import is_patched, keep_stock_weights, patch, stock_forward
 from .training import answer_kl, mark_trainable
 
 __all__ = [
@@ -209,7 +210,7 @@ def save_distilled(model: nn.Module, out: str | os.PathLike, processor: Any | No
 
 
 def _side_branch_prefix(model: nn.Module) -> str:
-    side = model.model.language_model.get_submodule(SIDE_BRANCH)
+    side = side_branch(model)
     return next(name for name, module in model.named_modules() if module is side) + "."
 
 
@@ -254,7 +255,7 @@ def load_side_branch(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if any(not k.startswith(_side_branch_prefix(model)) for k in state):
         # The fusion layers trained too: keep the base's, so stock_forward (eval's stock row, a further
         # distillation's teacher) is still the base model.
-        lm = model.model.language_model
+        lm = language_model(model)
         keep_stock_weights(model, list(lm.layers[len(lm.layers) - int(dpvr["fusion_layers"]):]))
     model.load_state_dict(state, strict=False)
     return model

@@ -186,7 +186,7 @@ def evaluate(model: nn.Module, processor: Any, examples: Sequence[Example], rout
     """Stock, then DPVR-LF at each route layer, on the same examples. The model is left as it came (stock or
     patched with its own settings). A patched model's own side branch is kept (a distilled one is evaluated);
     an unpatched model gets a fresh side branch (a copy of the route layer: "untrained")."""
-    from .models.llava import is_patched, patch, stock_forward, unpatch
+    from .models.patching import is_patched, patch, stock_forward, unpatch
 
     scored = all(e.answer for e in examples)
     pad = processor.tokenizer.pad_token_id

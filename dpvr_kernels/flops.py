@@ -4,8 +4,8 @@ Everything here is plain integer arithmetic on a config (no model is built, no t
 it works for full-size configs on any machine and every benchmark can print the ideal speedup next to
 the measured one.
 
-Semantics (DESIGN.md section 2)
--------------------------------
+Semantics (docs/CONTRACT.md)
+----------------------------
 A decoder of ``N`` layers, route layer ``r``, ``f`` fusion layers, ``0 <= r <= N - f - 1``:
 
 * layers ``[0, r)`` run on all tokens (image + text) of each sample;

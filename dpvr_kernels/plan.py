@@ -1,8 +1,9 @@
 """RoutePlan: who goes where, computed once per forward from the masks.
 
 A plan says, for every token of a ``[B, L]`` batch, whether it is *text* (stays in the main stack),
-*image* (leaves for the side branch at the routing layer) or *pad* (attention_mask 0), and holds the
-packed indices, ``cu_seqlens`` and positions that the route kernels and varlen attention need.
+*vision* (an image or video token: leaves for the side branch at the routing layer) or *pad*
+(attention_mask 0), and holds the packed indices, ``cu_seqlens`` and positions that the route kernels and
+varlen attention need.
 
 Everything is built with device ops; the one device-to-host sync is a single ``.tolist()`` of the
 ``2 x B`` segment lengths, which output shapes and varlen attention (max lengths) need anyway, and of the
@@ -19,34 +20,34 @@ from torch import Tensor
 
 @dataclass(frozen=True, eq=False)
 class RoutePlan:
-    """Packed layout of the text and image streams of one batch.
+    """Packed layout of the text and vision streams of one batch.
 
     Streams are sample-major and in ascending position within a sample. The packed buffer of
-    ``route_split`` holds the text stream first, then the image stream.
+    ``route_split`` holds the text stream first, then the vision stream.
     """
 
     batch_size: int
     seq_len: int
     num_text: int
-    num_image: int
+    num_vision: int
     gather_index: Tensor
     """int64 [T + V]: flat row (``b * L + l``) of each packed row, text rows first."""
     merge_index: Tensor
-    """int64 [B * L]: packed row of each flat row (text in [0, T), image in [T, T + V)), -1 for pad."""
+    """int64 [B * L]: packed row of each flat row (text in [0, T), vision in [T, T + V)), -1 for pad."""
     text_cu_seqlens: Tensor
     """int32 [S + 1]: text segment boundaries in the text stream (S = B, or the sequences of packed rows)."""
-    image_cu_seqlens: Tensor
-    """int32 [S + 1]: image segment boundaries in the image stream."""
+    vision_cu_seqlens: Tensor
+    """int32 [S + 1]: vision segment boundaries in the vision stream."""
     max_text_len: int
-    max_image_len: int
+    max_vision_len: int
     text_seqlens: tuple[int, ...]
     """Text tokens per segment, on the host (per-segment attention loops over them)."""
-    image_seqlens: tuple[int, ...]
-    """Image tokens per segment, on the host."""
+    vision_seqlens: tuple[int, ...]
+    """Vision tokens per segment, on the host."""
     text_position_ids: Tensor
     """int64 [T]: the stock position id of each text token."""
-    image_position_ids: Tensor
-    """int64 [V]: the stock position id of each image token."""
+    vision_position_ids: Tensor
+    """int64 [V]: the stock position id of each vision token."""
     packed: bool = False
     """True when rows hold several sequences (segments are sequences, not samples)."""
     position_span: int = 0
@@ -61,7 +62,7 @@ class RoutePlan:
         return self.gather_index[: self.num_text]
 
     @property
-    def image_index(self) -> Tensor:
+    def vision_index(self) -> Tensor:
         return self.gather_index[self.num_text :]
 
     @property
@@ -72,7 +73,7 @@ class RoutePlan:
     def __repr__(self) -> str:
         return (
             f"RoutePlan(B={self.batch_size}, L={self.seq_len}, text={self.num_text} (max {self.max_text_len}), "
-            f"image={self.num_image} (max {self.max_image_len}), device={self.device})"
+            f"vision={self.num_vision} (max {self.max_vision_len}), device={self.device})"
         )
 
 
@@ -97,29 +98,29 @@ def sequence_ids_from_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
 
 
 def build_route_plan_from_mask(
-    image_mask: Tensor,
+    vision_mask: Tensor,
     attention_mask: Tensor | None = None,
     position_ids: Tensor | None = None,
     sequence_ids: Tensor | None = None,
 ) -> RoutePlan:
-    """Build a plan from a boolean image mask ``[B, L]`` (True at image tokens).
+    """Build a plan from a boolean vision mask ``[B, L]`` (True at image and video tokens).
 
-    ``attention_mask`` ``[B, L]`` (1 = real token, 0 = pad; ``None`` = no padding) decides pad roles; an
-    image token with attention_mask 0 is pad. ``position_ids`` (``[B, L]`` or ``[1, L]``) are the stock
+    ``attention_mask`` ``[B, L]`` (1 = real token, 0 = pad; ``None`` = no padding) decides pad roles; a
+    vision token with attention_mask 0 is pad. ``position_ids`` (``[B, L]`` or ``[1, L]``) are the stock
     positions; ``None`` means ``arange(L)``, what the stock decoder uses for a prefill without them.
     ``sequence_ids`` (int ``[B, L]``, non-decreasing from 0 along each row) splits padding-free packed rows
     into sequences: each sequence then is its own segment of the text stream and the side branch
     (see :func:`packed_sequence_ids`); ``None`` means one sequence per row.
     """
-    if image_mask.dim() != 2:
-        raise ValueError(f"image_mask must be 2-D [B, L], got shape {list(image_mask.shape)}")
-    bsz, seq_len = image_mask.shape
+    if vision_mask.dim() != 2:
+        raise ValueError(f"vision_mask must be 2-D [B, L], got shape {list(vision_mask.shape)}")
+    bsz, seq_len = vision_mask.shape
     if bsz == 0 or seq_len == 0:
         raise ValueError(f"cannot route an empty batch (B={bsz}, L={seq_len})")
-    device = image_mask.device
-    image_mask = image_mask.bool()
+    device = vision_mask.device
+    vision_mask = vision_mask.bool()
     if attention_mask is None:
-        valid = torch.ones_like(image_mask)
+        valid = torch.ones_like(vision_mask)
     else:
         _check_2d("attention_mask", attention_mask, (bsz, seq_len))
         if attention_mask.device != device:
@@ -132,57 +133,57 @@ def build_route_plan_from_mask(
             raise ValueError(f"position_ids must have shape [B, L] or [1, L] with L={seq_len}, got {list(position_ids.shape)}")
         positions = position_ids.to(device=device, dtype=torch.long).expand(bsz, seq_len)
 
-    is_image = image_mask & valid
-    is_text = valid & ~image_mask
+    is_vision = vision_mask & valid
+    is_text = valid & ~vision_mask
     big = torch.iinfo(torch.long).max
     span = (positions.masked_fill(~valid, -big).amax() - positions.masked_fill(~valid, big).amin()).clamp(min=0)
     if sequence_ids is None:
         text_counts = is_text.sum(1)
-        image_counts = is_image.sum(1)
+        vision_counts = is_vision.sum(1)
         # The only host sync: the segment lengths (shapes, varlen attention) and the position span (windows).
-        host = torch.cat([text_counts, image_counts, span[None]]).tolist()
-        text_seqlens, image_seqlens, position_span = host[:bsz], host[bsz : 2 * bsz], host[-1]
+        host = torch.cat([text_counts, vision_counts, span[None]]).tolist()
+        text_seqlens, vision_seqlens, position_span = host[:bsz], host[bsz : 2 * bsz], host[-1]
     else:
-        text_counts, image_counts, text_seqlens, image_seqlens, position_span = _packed_counts(
-            sequence_ids, is_text, is_image, span)
-    num_text, num_image = sum(text_seqlens), sum(image_seqlens)
+        text_counts, vision_counts, text_seqlens, vision_seqlens, position_span = _packed_counts(
+            sequence_ids, is_text, is_vision, span)
+    num_text, num_vision = sum(text_seqlens), sum(vision_seqlens)
 
     flat_text = is_text.reshape(-1)
-    flat_image = is_image.reshape(-1)
+    flat_vision = is_vision.reshape(-1)
     text_rank = flat_text.cumsum(0) - 1
-    image_rank = flat_image.cumsum(0) - 1 + num_text
-    merge_index = torch.where(flat_text, text_rank, torch.where(flat_image, image_rank, -1))
+    vision_rank = flat_vision.cumsum(0) - 1 + num_text
+    merge_index = torch.where(flat_text, text_rank, torch.where(flat_vision, vision_rank, -1))
     # Invert merge_index without a nonzero() (which would sync): pad rows land in a spare last slot.
-    dest = torch.where(merge_index >= 0, merge_index, num_text + num_image)
-    gather_index = torch.empty(num_text + num_image + 1, dtype=torch.long, device=device)
+    dest = torch.where(merge_index >= 0, merge_index, num_text + num_vision)
+    gather_index = torch.empty(num_text + num_vision + 1, dtype=torch.long, device=device)
     gather_index.scatter_(0, dest, torch.arange(bsz * seq_len, device=device))
-    gather_index = gather_index[: num_text + num_image]
+    gather_index = gather_index[: num_text + num_vision]
 
     zero = torch.zeros(1, dtype=torch.int32, device=device)
     text_cu = torch.cat([zero, text_counts.cumsum(0).to(torch.int32)])
-    image_cu = torch.cat([zero, image_counts.cumsum(0).to(torch.int32)])
+    vision_cu = torch.cat([zero, vision_counts.cumsum(0).to(torch.int32)])
     flat_pos = positions.reshape(-1)
     return RoutePlan(
         batch_size=bsz,
         seq_len=seq_len,
         num_text=num_text,
-        num_image=num_image,
+        num_vision=num_vision,
         gather_index=gather_index,
         merge_index=merge_index,
         text_cu_seqlens=text_cu,
-        image_cu_seqlens=image_cu,
+        vision_cu_seqlens=vision_cu,
         max_text_len=max(text_seqlens),
-        max_image_len=max(image_seqlens),
+        max_vision_len=max(vision_seqlens),
         text_seqlens=tuple(text_seqlens),
-        image_seqlens=tuple(image_seqlens),
+        vision_seqlens=tuple(vision_seqlens),
         text_position_ids=flat_pos.index_select(0, gather_index[:num_text]),
-        image_position_ids=flat_pos.index_select(0, gather_index[num_text:]),
+        vision_position_ids=flat_pos.index_select(0, gather_index[num_text:]),
         packed=sequence_ids is not None,
         position_span=position_span,
     )
 
 
-def _packed_counts(sequence_ids: Tensor, is_text: Tensor, is_image: Tensor, span: Tensor):
+def _packed_counts(sequence_ids: Tensor, is_text: Tensor, is_vision: Tensor, span: Tensor):
     """Per-sequence token counts of packed rows, with the same single host sync as the unpacked plan."""
     bsz, seq_len = is_text.shape
     if tuple(sequence_ids.shape) != (bsz, seq_len):
@@ -192,17 +193,17 @@ def _packed_counts(sequence_ids: Tensor, is_text: Tensor, is_image: Tensor, span
     slot = (seq + torch.arange(bsz, device=seq.device)[:, None] * seq_len).reshape(-1)
     table = torch.zeros(2, bsz * seq_len, dtype=torch.long, device=seq.device)
     table[0].index_add_(0, slot, is_text.reshape(-1).long())
-    table[1].index_add_(0, slot, is_image.reshape(-1).long())
+    table[1].index_add_(0, slot, is_vision.reshape(-1).long())
     n_seq = seq[:, -1] + 1
     host = torch.cat([n_seq, table.reshape(-1), span[None]]).tolist()
     n_seq_host, table_host, position_span = host[:bsz], host[bsz:-1], host[-1]
-    text_seqlens, image_seqlens = [], []
+    text_seqlens, vision_seqlens = [], []
     for b, n in enumerate(n_seq_host):
         text_seqlens += table_host[b * seq_len : b * seq_len + n]
-        image_seqlens += table_host[(bsz + b) * seq_len : (bsz + b) * seq_len + n]
+        vision_seqlens += table_host[(bsz + b) * seq_len : (bsz + b) * seq_len + n]
     text_counts = torch.tensor(text_seqlens, dtype=torch.long, device=seq.device)
-    image_counts = torch.tensor(image_seqlens, dtype=torch.long, device=seq.device)
-    return text_counts, image_counts, text_seqlens, image_seqlens, position_span
+    vision_counts = torch.tensor(vision_seqlens, dtype=torch.long, device=seq.device)
+    return text_counts, vision_counts, text_seqlens, vision_seqlens, position_span
 
 
 def build_route_plan(

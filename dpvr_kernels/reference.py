@@ -3,7 +3,7 @@
 No packing, no custom kernels, no varlen attention: for each sample it drops the pad tokens, runs the
 model's own decoder layers with explicit boolean causal masks (as additive masks, which every attention
 implementation accepts), selects the text and image tokens with ``index_select`` and writes them back
-with ``index_copy``. Slow on purpose; it follows DESIGN §2 line by line.
+with ``index_copy``. Slow on purpose; it follows docs/CONTRACT.md line by line.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from .config import validate_route
 from .models import classes
-from .models.llava import SIDE_BRANCH, _language_model, _layer_call, _layer_types, stock_attention
+from .models.backbone import SIDE_BRANCH, attention_layer_types, language_model, layer_call
+from .models.patching import stock_attention
 
 
 def _mask_additive(positions: Tensor, window: int | None, dtype: torch.dtype) -> Tensor:
@@ -33,8 +34,8 @@ def _run(layers, windows, lm, hidden: Tensor, positions: Tensor) -> Tensor:
     pe = lm.rotary_emb(hidden, positions[None])
     for layer, window in zip(layers, windows, strict=True):
         mask = _mask_additive(positions, window, hidden.dtype)
-        hidden = _layer_call(layer, hidden, None, attention_mask=mask, position_embeddings=pe,
-                             position_ids=positions[None], use_cache=False)
+        hidden = layer_call(layer, hidden, None, attention_mask=mask, position_embeddings=pe,
+                            position_ids=positions[None], use_cache=False)
     return hidden
 
 
@@ -110,7 +111,7 @@ def reference_forward(
     each run as its own sample; ``None`` does so where stock does without a cache (``position_ids`` given, no
     ``attention_mask``). Sliding-window layers attend within their window of original positions.
     """
-    lm = _language_model(model)
+    lm = language_model(model)
     n_layers = len(lm.layers)
     saved = getattr(model.config, "dpvr", None)
     if route_layer is None and saved:
@@ -132,7 +133,7 @@ def reference_forward(
         carried = classes.carried_inputs(classes.model_class(model), vision_inputs)
         vision_mask = (classes.vision_mask(model.model, carried, input_ids, None) if carried
                        else torch.zeros_like(input_ids, dtype=torch.bool))
-    types, window = _layer_types(lm)
+    types, window = attention_layer_types(lm)
     windows = [window if t == "sliding_attention" else None for t in types]
 
     with stock_attention(model):
@@ -159,7 +160,7 @@ def reference_forward(
 
 def _one_sequence(model, lm, side_branch, windows: list, hidden: Tensor, positions: Tensor, is_image: Tensor, r: int,
                   f: int, hidden_only: bool) -> Tensor:
-    """DESIGN §2 for one sequence ``[1, n, D]`` without pads: full layers, route, side branch, fuse."""
+    """docs/CONTRACT.md for one sequence ``[1, n, D]`` without pads: full layers, route, side branch, fuse."""
     n = len(lm.layers)
     text_idx = torch.arange(is_image.numel(), device=is_image.device)[~is_image]
     image_idx = torch.arange(is_image.numel(), device=is_image.device)[is_image]

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models.llava import SIDE_BRANCH, _language_model, is_patched, keep_stock_weights, stock_forward
+from .models.backbone import SIDE_BRANCH, language_model
+from .models.patching import is_patched, keep_stock_weights, stock_forward
 
 __all__ = [
     "TrainableSummary",
@@ -72,7 +73,7 @@ def mark_trainable(model: nn.Module, side_branch: bool = True, fusion_layers: bo
         model: a LLaVA model patched by :func:`dpvr_kernels.patch` (any device, ``meta`` included).
         side_branch: train ``model.model.language_model.dpvr_side_branch``.
         fusion_layers: also train the last ``config.dpvr["fusion_layers"]`` decoder layers. Their original
-            weights are kept first (a frozen copy, one decoder layer each; :func:`~dpvr_kernels.models.llava.
+            weights are kept first (a frozen copy, one decoder layer each; :func:`~dpvr_kernels.models.patching.
             keep_stock_weights`), so the stock forward, the distillation teacher, stays the original model.
 
     Returns:
@@ -86,7 +87,7 @@ def mark_trainable(model: nn.Module, side_branch: bool = True, fusion_layers: bo
             f"{type(model).__name__} is not patched, so it has no DPVR-LF side branch to train: call "
             "dpvr_kernels.patch(model) first, then mark_trainable(model)"
         )
-    lm = _language_model(model)
+    lm = language_model(model)
     names = {id(module): name for name, module in model.named_modules()}
     chosen: list[nn.Module] = []
     if side_branch:

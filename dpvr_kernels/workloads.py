@@ -34,7 +34,7 @@ def set_dpvr(model, enabled: bool, **patch_kwargs) -> None:
 
     Benchmarks alternate between the two on one set of weights instead of holding two models.
     """
-    from .models.llava import is_patched, patch, unpatch
+    from .models.patching import is_patched, patch, unpatch
 
     current = model.config.dpvr if is_patched(model) else None
     if current is not None and (not enabled or any(v is not None and current.get(k) != v
@@ -122,7 +122,8 @@ def static_cache(model, batch: Batch, steps: int):
     the longest text stream (prompt text + new tokens) only."""
     from transformers import StaticCache
 
-    from .models.llava import is_patched, text_static_cache
+    from .models.generation import text_static_cache
+    from .models.patching import is_patched
 
     if not is_patched(model):
         return StaticCache(config=model.config, max_cache_len=batch.input_ids.shape[1] + steps)
@@ -132,12 +133,12 @@ def static_cache(model, batch: Batch, steps: int):
 def prefill(model, batch: Batch, use_cache: bool = True, cache=None):
     """One forward over the prompts; returns (next greedy tokens ``[B, 1]``, cache). ``cache``: a cache to
     fill (e.g. :func:`static_cache`); None for the model's default (dynamic)."""
-    from .models.llava import _CACHE_KW
+    from .models.backbone import CACHE_KW
 
     pos = generate_position_ids(batch.attention_mask)
     out = model(**batch.as_kwargs(), position_ids=pos, use_cache=use_cache, logits_to_keep=1,
-                **({_CACHE_KW: cache} if cache is not None else {}))
-    return greedy(model, out.logits[:, -1]), getattr(out, _CACHE_KW)
+                **({CACHE_KW: cache} if cache is not None else {}))
+    return greedy(model, out.logits[:, -1]), getattr(out, CACHE_KW)
 
 
 def decode(model, batch: Batch, first_tokens: Tensor, cache, steps: int, forward=None) -> Tensor:
@@ -147,7 +148,7 @@ def decode(model, batch: Batch, first_tokens: Tensor, cache, steps: int, forward
     shapes: a compiled step and its CUDA graph are made once."""
     from transformers import StaticCache
 
-    from .models.llava import _CACHE_KW
+    from .models.backbone import CACHE_KW
 
     forward = model if forward is None else forward
     mask = batch.attention_mask
@@ -165,7 +166,7 @@ def decode(model, batch: Batch, first_tokens: Tensor, cache, steps: int, forward
             mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
         pos = pos + 1
         out = forward(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
-                      **{_CACHE_KW: cache})
+                      **{CACHE_KW: cache})
         tokens = greedy(model, out.logits[:, -1])
         out_tokens.append(tokens)
     return torch.cat(out_tokens, dim=1)

@@ -1,4 +1,4 @@
-"""A user's model folder made offline (DESIGN §6): tiny random LLaVA-family models with a word-level tokenizer,
+"""A user's model folder made offline (nothing is downloaded): tiny random LLaVA-family models with a word-level tokenizer,
 an image processor and a chat template, saved with ``save_pretrained``; and the processors alone."""
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ from tiny import make_batch, tiny_llava
 from transformers import CompileConfig, StaticCache
 
 import dpvr_kernels
+from dpvr_kernels.models.backbone import CACHE_KW
 from dpvr_kernels.models.cache import DPVRStaticCache
-from dpvr_kernels.models.llava import _CACHE_KW as CACHE_KW
 
 PROMPTS = [["T", "I", "T", "T"], ["T", "T", "I", "T", "T", "T", "T"], ["T", "T", "T"]]
 NEW = 8

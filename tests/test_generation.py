@@ -8,7 +8,7 @@ from tiny import IMAGE_TOKEN, make_batch, tiny_llava
 from transformers import DynamicCache
 
 import dpvr_kernels
-from dpvr_kernels.models.llava import _CACHE_KW as CACHE_KW
+from dpvr_kernels.models.backbone import CACHE_KW
 from dpvr_kernels.reference import reference_forward
 
 PROMPTS = [["T", "I", "T", "T"], ["T", "T", "I", "T", "T", "T", "T"], ["T", "T", "T"]]  # one without image

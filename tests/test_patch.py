@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from tiny import IMAGE_TOKEN, make_batch, tiny_llava
 from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
 
 import dpvr_kernels
+from dpvr_kernels.models import classes
 from dpvr_kernels.reference import reference_forward
 
 LAYOUTS = {
@@ -220,3 +223,16 @@ def test_torch_compile_of_the_patched_model():
         out = compiled(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
     assert "dpvr.route_split.default" in traced and "dpvr.fuse_merge.default" in traced
     assert rel_err(out, eager, mask) < 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(classes.REFUSED))
+def test_refused_classes_name_the_reason(name):
+    """Each refused class exists in the installed transformers under that name, and patch() says why it is
+    refused, for the class and a subclass of it (the instance is not initialised: some need timm to build, and
+    the class is all the check reads)."""
+    import transformers
+
+    cls = getattr(transformers, name)
+    for kind in (cls, type("UserSubclass", (cls,), {})):
+        with pytest.raises(TypeError, match=re.escape(classes.REFUSED[name][:40])):
+            dpvr_kernels.patch(kind.__new__(kind))

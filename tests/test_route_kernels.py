@@ -70,9 +70,9 @@ def test_plan_matches_loops(layout):
     L = len(layout[0])
     text_idx = [b * L + p for b, r in enumerate(layout) for p, role in enumerate(r) if role == "text"]
     image_idx = [b * L + p for b, r in enumerate(layout) for p, role in enumerate(r) if role == "image"]
-    assert plan.num_text == len(text_idx) and plan.num_image == len(image_idx)
+    assert plan.num_text == len(text_idx) and plan.num_vision == len(image_idx)
     assert plan.text_index.tolist() == text_idx
-    assert plan.image_index.tolist() == image_idx
+    assert plan.vision_index.tolist() == image_idx
     merge = [-1] * (len(layout) * L)
     for k, row in enumerate(text_idx + image_idx):
         merge[row] = k
@@ -81,19 +81,19 @@ def test_plan_matches_loops(layout):
     image_counts = [r.count("image") for r in layout]
     assert plan.text_cu_seqlens.dtype == torch.int32
     assert plan.text_cu_seqlens.tolist() == [sum(text_counts[:i]) for i in range(len(layout) + 1)]
-    assert plan.image_cu_seqlens.tolist() == [sum(image_counts[:i]) for i in range(len(layout) + 1)]
-    assert plan.max_text_len == max(text_counts) and plan.max_image_len == max(image_counts)
+    assert plan.vision_cu_seqlens.tolist() == [sum(image_counts[:i]) for i in range(len(layout) + 1)]
+    assert plan.max_text_len == max(text_counts) and plan.max_vision_len == max(image_counts)
     flat_pos = positions.flatten().tolist()
     assert plan.text_position_ids.tolist() == [flat_pos[i] for i in text_idx]
-    assert plan.image_position_ids.tolist() == [flat_pos[i] for i in image_idx]
+    assert plan.vision_position_ids.tolist() == [flat_pos[i] for i in image_idx]
 
 
 def test_plan_defaults_no_mask_no_positions():
     ids = torch.tensor([[1, IMAGE_TOKEN, IMAGE_TOKEN, 2, 3]])
     plan = dpvr_kernels.build_route_plan(ids, None, IMAGE_TOKEN)
-    assert plan.text_index.tolist() == [0, 3, 4] and plan.image_index.tolist() == [1, 2]
+    assert plan.text_index.tolist() == [0, 3, 4] and plan.vision_index.tolist() == [1, 2]
     assert plan.text_position_ids.tolist() == [0, 3, 4]  # original positions, no renumbering
-    assert plan.image_position_ids.tolist() == [1, 2]
+    assert plan.vision_position_ids.tolist() == [1, 2]
 
 
 def _max_rows(backend: str) -> int:
@@ -160,7 +160,7 @@ def test_gradcheck_fp64(backend):
 
     assert torch.autograd.gradcheck(split, (hidden,))
     text = torch.randn(plan.num_text, 5, dtype=torch.float64, requires_grad=True)
-    image = torch.randn(plan.num_image, 5, dtype=torch.float64, requires_grad=True)
+    image = torch.randn(plan.num_vision, 5, dtype=torch.float64, requires_grad=True)
     base = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
 
     def merge(t, i, b):

@@ -11,7 +11,7 @@ from test_patch import rel_err
 from tiny import IMAGE_TOKEN, make_batch, tiny_llava
 
 import dpvr_kernels
-from dpvr_kernels.models.llava import _CACHE_KW as CACHE_KW
+from dpvr_kernels.models.backbone import CACHE_KW
 from dpvr_kernels.plan import build_route_plan_from_mask, packed_sequence_ids
 from dpvr_kernels.reference import reference_forward
 
@@ -185,9 +185,9 @@ def test_packed_plan_segments_are_sequences():
     seq = packed_sequence_ids(pos)
     assert seq.tolist() == [[0, 0, 0, 0, 1, 1, 2, 2, 2], [0] * 9]
     plan = build_route_plan_from_mask(image, None, pos, seq)
-    assert plan.text_seqlens == (2, 1, 3, 7) and plan.image_seqlens == (2, 1, 0, 2)
+    assert plan.text_seqlens == (2, 1, 3, 7) and plan.vision_seqlens == (2, 1, 0, 2)
     assert plan.text_cu_seqlens.tolist() == [0, 2, 3, 6, 13]
-    assert plan.image_cu_seqlens.tolist() == [0, 2, 3, 3, 5]
+    assert plan.vision_cu_seqlens.tolist() == [0, 2, 3, 3, 5]
     unpacked = build_route_plan_from_mask(image, None, pos)
     assert torch.equal(plan.gather_index, unpacked.gather_index)  # same packing, only the segments differ
     assert torch.equal(plan.merge_index, unpacked.merge_index)

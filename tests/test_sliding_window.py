@@ -1,5 +1,5 @@
 """Sliding-window backbones (Mistral in BakLLaVA, Qwen2 with use_sliding_window): the window is over original
-positions in the full layers, the side branch and the text stream (DESIGN §2.6)."""
+positions in the full layers, the side branch and the text stream (docs/CONTRACT.md rule 6)."""
 
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ def test_torch_varlen_call_matches_sdpa_per_segment(monkeypatch, fn, kv_heads):
     scale = q.shape[-1] ** -0.5
     CALLS.clear()
     out = attention._torch_varlen_attention(q, k, v, seg, scale)
-    expected = attention._sdpa_per_segment(q, k, v, seg, scale, 0.0)
+    expected = attention.attend_segments(q, k, v, seg.seqlens, scale)
     assert out is not None and torch.equal(out, expected)
     (call,) = CALLS
     if fn is varlen_new:
@@ -87,3 +87,45 @@ def test_custom_scale_without_a_scale_argument_falls_back(monkeypatch):
 def test_varlen_backend_choice():
     assert attention.varlen_backend(torch.device("cpu"), torch.bfloat16) == "sdpa_per_segment"
     assert attention.varlen_backend(torch.device("cuda"), torch.float32) == "sdpa_per_segment"
+
+
+def _dense_reference(q, k, v, seqlens, scale, window=None, positions=None):
+    """Plain softmax(q k^T) v over the whole packed stream in float64, with one [T, T] mask: same segment,
+    not after the query, and (with a window) within it by original position."""
+    t = q.shape[1]
+    seg = torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens))
+    idx = torch.arange(t)
+    allowed = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
+    if window is not None:
+        allowed &= positions[:, None] - positions[None, :] < window
+    rep = q.shape[0] // k.shape[0]
+    k, v = k.double().repeat_interleave(rep, 0), v.double().repeat_interleave(rep, 0)
+    scores = (q.double() @ k.transpose(1, 2)) * scale
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return (probs @ v).transpose(0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kv_heads", [6, 2, 1])
+@pytest.mark.parametrize("window", [None, 4])
+def test_attend_segments_matches_a_dense_reference(dtype, kv_heads, window):
+    """The per-segment SDPA (CPU path, windowed path, vLLM side branch) against one dense masked softmax:
+    odd head size, empty and one-token segments, GQA, positions with gaps (the text stream's), a window."""
+    g = torch.Generator().manual_seed(7 + kv_heads)
+    seqlens = (5, 0, 1, 11, 3)
+    t, dh = sum(seqlens), 13
+    q = torch.randn(6, t, dh, generator=g)
+    k = torch.randn(kv_heads, t, dh, generator=g)
+    v = torch.randn(kv_heads, t, dh, generator=g)
+    positions = torch.cat([torch.randint(1, 4, (n,), generator=g).cumsum(0) for n in seqlens if n])
+    scale = 0.37
+    want = _dense_reference(q, k, v, seqlens, scale, window, positions)
+    got = attention.attend_segments(q.to(dtype), k.to(dtype), v.to(dtype), seqlens, scale, window=window,
+                                    positions=positions)
+    assert got.shape == (t, 6, dh) and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    else:  # within twice the error of the same dtype's plain reference against float64
+        ref = _dense_reference(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), seqlens, scale,
+                               window, positions).to(dtype)
+        assert (got.double() - want).abs().max() <= 2 * (ref.double() - want).abs().max()

@@ -194,8 +194,8 @@ class _StepClock:
 def _demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from transformers import StoppingCriteriaList
 
+    from ..models.backbone import CACHE_KW, side_branch
     from ..models.cache import kv_cache_bytes
-    from ..models.llava import _CACHE_KW
     from ..ops.backends import resolve_backend
     from ..reference import reference_forward
     from ..workloads import generate_position_ids
@@ -218,7 +218,7 @@ def _demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     try:  # an unsupported class or bad settings fail here, with the library's message, before any timing
         dpvr_kernels.patch(model, route_layer=r, fusion_layers=f, backend=args.backend)
         resolve_backend(args.backend, run_device)
-        params_side = sum(p.numel() for p in model.model.language_model.dpvr_side_branch.parameters())
+        params_side = sum(p.numel() for p in side_branch(model).parameters())
     except (ValueError, RuntimeError, TypeError, NotImplementedError) as exc:
         parser.error(f"--model {args.model}: DPVR-LF cannot patch this model: {exc}")
     distilled = bool(saved) and (saved["route_layer"], saved["fusion_layers"]) == (r, f)
@@ -266,7 +266,7 @@ def _demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         for mode in ("stock", "dpvr"):
             set_mode(mode)
             out = model(**kwargs, position_ids=positions, use_cache=True, logits_to_keep=1)
-            kv = kv_cache_bytes(getattr(out, _CACHE_KW))
+            kv = kv_cache_bytes(getattr(out, CACHE_KW))
             del out
             log(f"demo: {mode} generate, up to {args.max_new_tokens} new tokens")
             clock = _StepClock(run_device)
@@ -376,6 +376,7 @@ def _demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 def _demo_synthetic(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
+    from ..models.backbone import side_branch
     from ..models.cache import kv_cache_bytes
     from ..ops.backends import resolve_backend
     from ..reference import reference_forward
@@ -434,7 +435,7 @@ def _demo_synthetic(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     try:  # bad settings fail here, with the library's message, before anything is timed
         set_mode("dpvr")
         resolve_backend(args.backend, device)
-        params_side = sum(p.numel() for p in model.model.language_model.dpvr_side_branch.parameters())
+        params_side = sum(p.numel() for p in side_branch(model).parameters())
     except (ValueError, RuntimeError) as exc:
         parser.error(str(exc))
 

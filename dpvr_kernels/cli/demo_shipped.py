@@ -50,6 +50,7 @@ def run_shipped(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from ..assets import demo_model
     from ..conversations import Example, collate
     from ..evaluation import encode_grid_items, flops_saved, greedy_answers, score
+    from ..models.backbone import side_branch
     from ..reference import reference_forward
     from ..workloads import generate_position_ids
 
@@ -66,7 +67,7 @@ def run_shipped(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     dpvr_kernels.patch(dpvr, backend=args.backend)  # the distilled side branch, at its saved route layer
     r, f = dpvr.config.dpvr["route_layer"], dpvr.config.dpvr["fusion_layers"]
     n_layers = dpvr.config.text_config.num_hidden_layers
-    side = sum(p.numel() for p in dpvr.model.language_model.dpvr_side_branch.parameters())
+    side = sum(p.numel() for p in side_branch(dpvr).parameters())
     total = sum(p.numel() for p in stock.parameters())
 
     # 1. a few held-out grids, both answers next to the truth

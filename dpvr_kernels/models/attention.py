@@ -8,8 +8,8 @@ Without one (decode steps of the deep layers) it is SDPA with the explicit mask 
 builds for the text-only cache.
 
 Sliding-window layers (the stock attention modules pass ``sliding_window``) keep the window over the tokens'
-original positions (DESIGN §2.6): a key is visible when ``position(q) - position(k) < window``. Where no two
-tokens of the batch are that far apart (``position_span < window``) it is plain causal attention; where they
+original positions (docs/CONTRACT.md rule 6): a key is visible when ``position(q) - position(k) < window``.
+Where no two tokens of the batch are that far apart (``position_span < window``) it is plain causal attention; where they
 are, each segment gets an explicit mask by position (the text stream has gaps where the image tokens were, so a
 window over packed indices would be wrong).
 """
@@ -110,41 +110,30 @@ def varlen_backend(device: torch.device, dtype: torch.dtype) -> str:
     return "sdpa_per_segment"
 
 
-def _sdpa_per_segment(q: Tensor, k: Tensor, v: Tensor, seg: VarlenSegments, scale: float, dropout: float) -> Tensor:
-    # q: [H, T, Dh], k/v: [Hkv, T, Dh] -> [T, H, Dh]
+def attend_segments(q: Tensor, k: Tensor, v: Tensor, seqlens: tuple[int, ...] | list[int], scale: float, *,
+                    dropout: float = 0.0, window: int | None = None, positions: Tensor | None = None) -> Tensor:
+    """Causal attention within each segment of a packed stream, SDPA per segment: the one place the CPU and
+    fallback paths (here and in the vLLM plugin's side branch) compute it.
+
+    ``q`` ``[H, T, Dh]``, ``k``/``v`` ``[Hkv, T, Dh]`` (GQA allowed), ``seqlens`` the segment lengths (zeros
+    allowed) summing to ``T``; returns ``[T, H, Dh]``. With ``window`` (and ``positions``, int ``[T]``, the
+    tokens' original positions) a key is visible when it is not after the query in the stream and
+    ``position(q) - position(k) < window`` (contract rule 6).
+    """
     gqa = q.shape[0] != k.shape[0]
     outs, start = [], 0
-    for n in seg.seqlens:
+    for n in seqlens:
         if n:
             sl = slice(start, start + n)
+            mask = None
+            if window is not None:
+                pos = positions[sl]
+                mask = (torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+                        & (pos[:, None] - pos[None, :] < window))[None, None]
             # 4-D inputs: with 3-D ones SDPA on CPU takes its slow math path (n x n scores in memory)
-            outs.append(
-                F.scaled_dot_product_attention(
-                    q[None, :, sl], k[None, :, sl], v[None, :, sl], dropout_p=dropout, is_causal=True, scale=scale,
-                    enable_gqa=gqa,
-                )[0]
-            )
-        start += n
-    out = torch.cat(outs, dim=1) if outs else q.new_empty(q.shape)
-    return out.transpose(0, 1)
-
-
-def _sdpa_windowed(q: Tensor, k: Tensor, v: Tensor, seg: VarlenSegments, scale: float, dropout: float,
-                   window: int) -> Tensor:
-    """Per segment, causal (in stream order, as stock) and within ``window`` original positions of the query."""
-    gqa = q.shape[0] != k.shape[0]
-    outs, start = [], 0
-    for n in seg.seqlens:
-        if n:
-            sl = slice(start, start + n)
-            pos = seg.positions[sl]
-            allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril() & (pos[:, None] - pos[None, :] < window)
-            outs.append(
-                F.scaled_dot_product_attention(
-                    q[None, :, sl], k[None, :, sl], v[None, :, sl], attn_mask=allowed[None, None], dropout_p=dropout,
-                    scale=scale, enable_gqa=gqa,
-                )[0]
-            )
+            outs.append(F.scaled_dot_product_attention(
+                q[None, :, sl], k[None, :, sl], v[None, :, sl], attn_mask=mask, dropout_p=dropout,
+                is_causal=mask is None, scale=scale, enable_gqa=gqa)[0])
         start += n
     out = torch.cat(outs, dim=1) if outs else q.new_empty(q.shape)
     return out.transpose(0, 1)
@@ -185,7 +174,9 @@ def dpvr_varlen_attention(
         dpvr_segments = dataclasses.replace(dpvr_segments, cu_seqlens=dpvr_segments.cu_seqlens.to(q.device),
                                             positions=None if positions is None else positions.to(q.device))
     if dpvr_segments.window_binds(sliding_window):
-        return _sdpa_windowed(q, k, v, dpvr_segments, scale, dropout, sliding_window).unsqueeze(0), None
+        out = attend_segments(q, k, v, dpvr_segments.seqlens, scale, dropout=dropout, window=sliding_window,
+                              positions=dpvr_segments.positions)
+        return out.unsqueeze(0), None
     path = varlen_backend(q.device, q.dtype)
     if path == "flash_attn":
         out = _flash_attn_varlen()(
@@ -198,7 +189,7 @@ def dpvr_varlen_attention(
         if path == "torch_varlen" and dropout == 0.0:  # varlen_attn has no dropout
             out = _torch_varlen_attention(q, k, v, dpvr_segments, scale)
         if out is None:
-            out = _sdpa_per_segment(q, k, v, dpvr_segments, scale, dropout)
+            out = attend_segments(q, k, v, dpvr_segments.seqlens, scale, dropout=dropout)
     return out.unsqueeze(0), None
 
 

@@ -1,8 +1,8 @@
 """The supported Hugging Face model classes, one row each: which tokens are vision tokens and where they come from.
 
-Every class here has the same layout (``model.model.language_model`` is a Llama-style decoder with rotary
-embeddings, ``model.model.forward`` embeds the vision features in place of the placeholder tokens), so the patch
-is the same for all; a row says which placeholder ids a call routes to the side branch, and when. A placeholder
+Every class here has the same layout (``model.model.<decoder>`` is a Llama-style decoder with rotary embeddings,
+``model.model.forward`` embeds the vision features in place of the placeholder tokens), so the patch is the same
+for all; a row says where the decoder is and which placeholder ids a call routes to the side branch, and when. A placeholder
 is a vision token only in a call that carries its features (the pixel keyword, or the encoder outputs that
 ``generate`` computes up front), as stock embeds it; elsewhere (every decode step) it is an ordinary token.
 Adding a model class is adding a row.
@@ -40,6 +40,8 @@ class ModelClass:
     backbone: str
     """Backbone of the public checkpoints (documentation; any Llama-style decoder with RoPE is accepted)."""
     inputs: tuple[VisionInput, ...]
+    decoder: str = "language_model"
+    """Attribute of ``model.model`` that holds the decoder (its ``layers``, ``rotary_emb``, ``norm``)."""
 
 
 SUPPORTED: dict[str, ModelClass] = {
@@ -56,12 +58,41 @@ SUPPORTED: dict[str, ModelClass] = {
 
 BY_MODEL_TYPE: dict[str, ModelClass] = {row.model_type: row for row in SUPPORTED.values()}
 
+# Classes whose attention or decoder breaks an assumption of DPVR-LF, with the reason: patch() names it.
+_LEAVE_STOCK = "leave this model stock (unpatched)"
+REFUSED: dict[str, str] = {
+    "Gemma3ForConditionalGeneration": "Gemma3 attends bidirectionally within an image, which the causal side "
+    "branch does not reproduce; " + _LEAVE_STOCK,
+    "PaliGemmaForConditionalGeneration": "PaliGemma is a prefix-LM (the prompt, image included, attends "
+    "bidirectionally); " + _LEAVE_STOCK,
+    "Gemma3nForConditionalGeneration": "Gemma3n's last layers share the KV of earlier ones, which a text-only deep "
+    "cache cannot hold; " + _LEAVE_STOCK,
+    "Qwen3_5ForConditionalGeneration": "Qwen3.5 mixes linear-attention (recurrent state) layers with attention "
+    "layers, and a routed token set changes the recurrent state; " + _LEAVE_STOCK,
+    "Qwen3_5MoeForConditionalGeneration": "Qwen3.5 mixes linear-attention (recurrent state) layers with attention "
+    "layers, and a routed token set changes the recurrent state; " + _LEAVE_STOCK,
+    "Llama4ForConditionalGeneration": "Llama 4 uses chunked attention and NoPE layers with attention temperature, "
+    "which the varlen streams do not implement; " + _LEAVE_STOCK,
+    "Cohere2VisionForConditionalGeneration": "its Cohere2 decoder mixes NoPE layers with sliding windows, which "
+    "the varlen streams do not implement; " + _LEAVE_STOCK,
+    "AyaVisionForConditionalGeneration": "its Cohere2 decoder mixes NoPE layers with sliding windows, which the "
+    "varlen streams do not implement; " + _LEAVE_STOCK,
+    "Lfm2VlForConditionalGeneration": "LFM2's short-convolution layers carry a state across tokens, which a routed "
+    "token set changes; " + _LEAVE_STOCK,
+    "MllamaForConditionalGeneration": "Mllama reads the image through cross-attention layers, not image tokens in "
+    "the sequence: there is nothing to route; " + _LEAVE_STOCK,
+    "Florence2ForConditionalGeneration": "Florence-2 is an encoder-decoder model, not a decoder over image and "
+    "text tokens; " + _LEAVE_STOCK,
+}
+
 
 def model_class(model: nn.Module) -> ModelClass:
     """The row of ``model``'s class (or of the supported class it derives from); a clear error otherwise."""
     for cls in type(model).__mro__:
         if cls.__name__ in SUPPORTED:
             return SUPPORTED[cls.__name__]
+        if cls.__name__ in REFUSED:
+            raise TypeError(f"dpvr_kernels.patch does not support {cls.__name__}: {REFUSED[cls.__name__]}")
     raise TypeError(
         f"dpvr_kernels.patch does not support {type(model).__name__}; supported model classes: "
         f"{', '.join(SUPPORTED)}. Load the checkpoint with one of them (e.g. AutoModelForImageTextToText)."

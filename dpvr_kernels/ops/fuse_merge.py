@@ -1,6 +1,6 @@
-"""fuse_merge: write the text and image streams back to their positions in ``[B, L, D]``.
+"""fuse_merge: write the text and vision streams back to their positions in ``[B, L, D]``.
 
-Every output row is written exactly once, from the text stream, the image stream or (pad rows) the
+Every output row is written exactly once, from the text stream, the vision stream or (pad rows) the
 pre-route states ``base``: no memset and no second pass. Its backward is a split.
 """
 
@@ -129,14 +129,14 @@ def _merge_backward(ctx, grad_out):
 fuse_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
 
 
-def fuse_merge(text: Tensor, image: Tensor, base: Tensor, plan: RoutePlan, backend: str = "auto") -> Tensor:
-    """Fuse the text stream ``[T, D]`` and image stream ``[V, D]`` back into ``[B, L, D]``.
+def fuse_merge(text: Tensor, vision: Tensor, base: Tensor, plan: RoutePlan, backend: str = "auto") -> Tensor:
+    """Fuse the text stream ``[T, D]`` and vision stream ``[V, D]`` back into ``[B, L, D]``.
 
     Pad rows are taken from ``base`` (the pre-route states, ``[B, L, D]``). Differentiable in all three
     inputs (gradients reach ``base`` at pad rows only).
     """
     check_hidden("base", base, plan)
-    for name, t, n in (("text", text, plan.num_text), ("image", image, plan.num_image)):
+    for name, t, n in (("text", text, plan.num_text), ("vision", vision, plan.num_vision)):
         if t.dim() != 2 or t.shape[0] != n or t.shape[1] != base.shape[-1]:
             raise ValueError(f"{name} must have shape [{n}, {base.shape[-1]}] for this plan, got {list(t.shape)}")
         if t.dtype != base.dtype or t.device != base.device:
@@ -145,5 +145,5 @@ def fuse_merge(text: Tensor, image: Tensor, base: Tensor, plan: RoutePlan, backe
             )
     kernel = resolve_backend(backend, base.device)
     return fuse_merge_op(
-        text, image, base, plan.merge_index, plan.gather_index, plan.batch_size, plan.seq_len, kernel
+        text, vision, base, plan.merge_index, plan.gather_index, plan.batch_size, plan.seq_len, kernel
     )

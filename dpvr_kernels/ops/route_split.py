@@ -1,6 +1,6 @@
 """route_split: one pass over the hidden states ``[B, L, D]`` writes both packed streams.
 
-The output is one buffer ``[T + V, D]`` (text rows, then image rows); :func:`route_split` hands back
+The output is one buffer ``[T + V, D]`` (text rows, then vision rows); :func:`route_split` hands back
 the two halves as views, so the split is one kernel, not two ``index_select``s. Its backward is a merge.
 """
 
@@ -118,7 +118,7 @@ def check_hidden(name: str, hidden: Tensor, plan: RoutePlan) -> None:
 
 
 def route_split(hidden: Tensor, plan: RoutePlan, backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """Split ``hidden`` ``[B, L, D]`` into the packed text stream ``[T, D]`` and image stream ``[V, D]``.
+    """Split ``hidden`` ``[B, L, D]`` into the packed text stream ``[T, D]`` and vision stream ``[V, D]``.
 
     One kernel reads ``hidden`` once and writes both streams. Differentiable (the backward is a merge).
     """

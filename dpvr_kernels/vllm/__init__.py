@@ -20,7 +20,8 @@ import os
 import re
 from collections.abc import Iterable
 
-from ..models.llava import SIDE_BRANCH, saved_tensors
+from ..models.backbone import SIDE_BRANCH
+from ..models.checkpoint import saved_tensors
 
 __all__ = ["ARCHITECTURE", "REQUIRED_ENGINE_ARGS", "TESTED_VLLM_VERSION", "check_side_branch_weights",
            "check_vllm_version", "checkpoint_route", "llava_hf_key", "prepare_checkpoint", "register"]

@@ -24,7 +24,6 @@ import functools
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import (
@@ -46,6 +45,7 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer  # noqa: E402
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration  # noqa: E402
 from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 
+from ..models.attention import attend_segments  # noqa: E402
 from ..ops import fuse_merge, route_split  # noqa: E402
 from ..plan import build_route_plan_from_mask  # noqa: E402
 from .kv_cache import text_only_spec  # noqa: E402
@@ -104,23 +104,10 @@ class SideBranchAttention(nn.Module):
         if sum(self.segments) != n:
             raise RuntimeError(f"side branch: segments {self.segments} do not cover the {n} vision tokens")
         q = query.view(n, self.num_heads, self.head_size).transpose(0, 1)
-        groups = self.num_heads // self.num_kv_heads
-        k = key.view(n, self.num_kv_heads, self.head_size).transpose(0, 1).repeat_interleave(groups, 0)
-        v = value.view(n, self.num_kv_heads, self.head_size).transpose(0, 1).repeat_interleave(groups, 0)
-        out = torch.empty_like(q)
-        start = 0
-        for length in self.segments:
-            if length:
-                seg = slice(start, start + length)
-                mask = None
-                if self.window is not None:
-                    pos = self.positions[seg]
-                    diff = pos[:, None] - pos[None, :]
-                    mask = (diff >= 0) & (diff < self.window)
-                out[:, seg] = F.scaled_dot_product_attention(q[:, seg], k[:, seg], v[:, seg], attn_mask=mask,
-                                                             is_causal=mask is None, scale=self.scale)
-                start += length
-        return out.transpose(0, 1).reshape(n, self.num_heads * self.head_size)
+        k = key.view(n, self.num_kv_heads, self.head_size).transpose(0, 1)
+        v = value.view(n, self.num_kv_heads, self.head_size).transpose(0, 1)
+        out = attend_segments(q, k, v, self.segments, self.scale, window=self.window, positions=self.positions)
+        return out.reshape(n, self.num_heads * self.head_size)
 
 
 def _text_only_kv_cache_spec(attn: nn.Module, vllm_config: VllmConfig):
@@ -279,8 +266,8 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if all_text:
             text_h, text_r = hidden, residual
         else:
-            text_h, image_h = route_split(hidden[None], plan, backend=self.backend)
-            text_r, image_r = route_split(residual[None], plan, backend=self.backend)
+            text_h, vision_h = route_split(hidden[None], plan, backend=self.backend)
+            text_r, vision_r = route_split(residual[None], plan, backend=self.backend)
 
         layout = self._text_stream_layout(step, positions, query_start, plan)
         if plan.num_text:
@@ -292,15 +279,15 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             metadata = {name: meta for names in groups.values()
                         for meta in [self._group_metadata(attn_metadata[names[0]], layout)] for name in names}
             text_h, text_r = self._run_text_stream(metadata, plan, text_h, text_r)
-        if plan.num_image:
+        if plan.num_vision:
             side = getattr(decoder, SIDE_BRANCH)
-            side.self_attn.attn.segments = plan.image_seqlens
-            side.self_attn.attn.positions = plan.image_position_ids
-            image_h, image_r = side(plan.image_position_ids, image_h, image_r)
+            side.self_attn.attn.segments = plan.vision_seqlens
+            side.self_attn.attn.positions = plan.vision_position_ids
+            vision_h, vision_r = side(plan.vision_position_ids, vision_h, vision_r)
         if all_text:
             return text_h, text_r
-        hidden = fuse_merge(text_h, image_h, hidden[None], plan, backend=self.backend)[0]
-        residual = fuse_merge(text_r, image_r, residual[None], plan, backend=self.backend)[0]
+        hidden = fuse_merge(text_h, vision_h, hidden[None], plan, backend=self.backend)[0]
+        residual = fuse_merge(text_r, vision_r, residual[None], plan, backend=self.backend)[0]
         return hidden, residual
 
     def _run_text_stream(self, metadata: dict[str, CommonAttentionMetadata], plan, text_h: Tensor,
