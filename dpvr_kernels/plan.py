@@ -45,9 +45,10 @@ class RoutePlan:
     vision_seqlens: tuple[int, ...]
     """Vision tokens per segment, on the host."""
     text_position_ids: Tensor
-    """int64 [T]: the stock position id of each text token."""
+    """int64 [..., T]: the stock position of each text token, with the leading dims of ``position_ids`` (e.g. the
+    three M-RoPE rows)."""
     vision_position_ids: Tensor
-    """int64 [V]: the stock position id of each vision token."""
+    """int64 [..., V]: the stock position of each vision token."""
     packed: bool = False
     """True when rows hold several sequences (segments are sequences, not samples)."""
     position_span: int = 0
@@ -106,8 +107,9 @@ def build_route_plan_from_mask(
     """Build a plan from a boolean vision mask ``[B, L]`` (True at image and video tokens).
 
     ``attention_mask`` ``[B, L]`` (1 = real token, 0 = pad; ``None`` = no padding) decides pad roles; a
-    vision token with attention_mask 0 is pad. ``position_ids`` (``[B, L]`` or ``[1, L]``) are the stock
-    positions; ``None`` means ``arange(L)``, what the stock decoder uses for a prefill without them.
+    vision token with attention_mask 0 is pad. ``position_ids`` (``[B, L]`` or ``[1, L]``, with any leading dims,
+    e.g. ``[3, B, L]`` M-RoPE rows) are the stock positions, gathered per token; the first row orders the tokens
+    (the position span). ``None`` means ``arange(L)``, what the stock decoder uses for a prefill without them.
     ``sequence_ids`` (int ``[B, L]``, non-decreasing from 0 along each row) splits padding-free packed rows
     into sequences: each sequence then is its own segment of the text stream and the side branch
     (see :func:`packed_sequence_ids`); ``None`` means one sequence per row.
@@ -127,11 +129,15 @@ def build_route_plan_from_mask(
             raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {device}: move both to one device")
         valid = attention_mask.bool()
     if position_ids is None:
-        positions = torch.arange(seq_len, device=device).expand(bsz, seq_len)
+        lead: tuple[int, ...] = ()
+        rows = torch.arange(seq_len, device=device).expand(1, bsz, seq_len)
     else:
-        if position_ids.dim() != 2 or position_ids.shape[1] != seq_len or position_ids.shape[0] not in (1, bsz):
-            raise ValueError(f"position_ids must have shape [B, L] or [1, L] with L={seq_len}, got {list(position_ids.shape)}")
-        positions = position_ids.to(device=device, dtype=torch.long).expand(bsz, seq_len)
+        if position_ids.dim() < 2 or position_ids.shape[-1] != seq_len or position_ids.shape[-2] not in (1, bsz):
+            raise ValueError(f"position_ids must have shape [..., B, L] or [..., 1, L] with B={bsz}, L={seq_len}, "
+                             f"got {list(position_ids.shape)}")
+        lead = tuple(position_ids.shape[:-2])
+        rows = position_ids.to(device=device, dtype=torch.long).expand(*lead, bsz, seq_len).reshape(-1, bsz, seq_len)
+    positions = rows[0]  # orders the tokens (the 1-D positions, or the first M-RoPE row)
 
     is_vision = vision_mask & valid
     is_text = valid & ~vision_mask
@@ -162,7 +168,7 @@ def build_route_plan_from_mask(
     zero = torch.zeros(1, dtype=torch.int32, device=device)
     text_cu = torch.cat([zero, text_counts.cumsum(0).to(torch.int32)])
     vision_cu = torch.cat([zero, vision_counts.cumsum(0).to(torch.int32)])
-    flat_pos = positions.reshape(-1)
+    flat_pos = rows.reshape(rows.shape[0], -1)
     return RoutePlan(
         batch_size=bsz,
         seq_len=seq_len,
@@ -176,8 +182,8 @@ def build_route_plan_from_mask(
         max_vision_len=max(vision_seqlens),
         text_seqlens=tuple(text_seqlens),
         vision_seqlens=tuple(vision_seqlens),
-        text_position_ids=flat_pos.index_select(0, gather_index[:num_text]),
-        vision_position_ids=flat_pos.index_select(0, gather_index[num_text:]),
+        text_position_ids=flat_pos.index_select(1, gather_index[:num_text]).reshape(*lead, num_text),
+        vision_position_ids=flat_pos.index_select(1, gather_index[num_text:]).reshape(*lead, num_vision),
         packed=sequence_ids is not None,
         position_span=position_span,
     )

@@ -15,6 +15,7 @@ from .config import validate_route
 from .models import classes
 from .models.backbone import SIDE_BRANCH, attention_layer_types, language_model, layer_call
 from .models.patching import stock_attention
+from .models.positions import ROPE, call_positions, order_row, rope_input, stream_layer_positions
 
 
 def _mask_additive(positions: Tensor, window: int | None, dtype: torch.dtype) -> Tensor:
@@ -28,14 +29,15 @@ def _mask_additive(positions: Tensor, window: int | None, dtype: torch.dtype) ->
 
 
 def _run(layers, windows, lm, hidden: Tensor, positions: Tensor) -> Tensor:
-    """Layers on one segment ``[1, n, D]`` at the given original positions (``windows``: each layer's window)."""
+    """Layers on one segment ``[1, n, D]`` at the given original positions (``[n]``, or ``[3, n]`` M-RoPE rows;
+    ``windows``: each layer's window)."""
     if hidden.shape[1] == 0:
         return hidden
-    pe = lm.rotary_emb(hidden, positions[None])
+    pe = lm.rotary_emb(hidden, rope_input(positions))
     for layer, window in zip(layers, windows, strict=True):
-        mask = _mask_additive(positions, window, hidden.dtype)
+        mask = _mask_additive(order_row(positions), window, hidden.dtype)
         hidden = layer_call(layer, hidden, None, attention_mask=mask, position_embeddings=pe,
-                            position_ids=positions[None], use_cache=False)
+                            position_ids=stream_layer_positions(positions), use_cache=False)
     return hidden
 
 
@@ -43,18 +45,21 @@ class _Embedded(Exception):
     pass
 
 
-def _embeddings(model: nn.Module, input_ids: Tensor, vision_inputs: dict, vision_mask: Tensor) -> Tensor:
-    """The decoder's input embeddings as the stock multimodal forward makes them (vision features scattered into
-    the placeholders by the model class's own code): captured at the language model's input. Placeholder ids
-    that ``vision_mask`` calls text (e.g. generated ones) keep their plain embedding."""
+def _stock_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, vision_inputs: dict,
+                  vision_mask: Tensor, want_positions: bool) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """The decoder's input embeddings, (``want_positions``) its ``position_ids`` and its deepstack injections, as
+    the stock multimodal forward makes them (vision features scattered into the placeholders, M-RoPE positions
+    from the model's own ``get_rope_index``): captured at the language model's input. Placeholder ids that
+    ``vision_mask`` calls text (e.g. generated ones) keep their plain embedding. Each injection is ``[B, L, D]``,
+    zero but at the vision tokens."""
     llava = model.model
     plain = llava.get_input_embeddings()(input_ids)
-    if not vision_inputs:
-        return plain
+    if not vision_inputs and not want_positions:
+        return plain, None, []
     captured = {}
 
     def capture(module, args, kwargs):
-        captured["embeds"] = kwargs["inputs_embeds"]
+        captured.update(kwargs)
         raise _Embedded
 
     row = classes.model_class(model)
@@ -62,14 +67,22 @@ def _embeddings(model: nn.Module, input_ids: Tensor, vision_inputs: dict, vision
     for vision in row.inputs:  # stock would count text-role placeholders as vision tokens: hide them from it
         token = getattr(model.config, vision.token_id)
         ids[(input_ids == token) & ~vision_mask] = 0 if token != 0 else 1
-    handle = llava.language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    handle = language_model(model).register_forward_pre_hook(capture, with_kwargs=True)
+    rope_deltas = getattr(llava, "rope_deltas", None)  # M-RoPE wrappers keep it for decode steps: leave it be
     try:
-        type(llava).forward(llava, input_ids=ids, use_cache=False, **vision_inputs)
+        type(llava).forward(llava, input_ids=ids, attention_mask=attention_mask, use_cache=False, **vision_inputs)
     except _Embedded:
         pass
     finally:
         handle.remove()
-    return torch.where(vision_mask[..., None], captured["embeds"], plain)
+        if hasattr(llava, "rope_deltas"):
+            llava.rope_deltas = rope_deltas
+    injections = []
+    for features in captured.get("deepstack_visual_embeds") or ():
+        dense = plain.new_zeros(plain.shape)
+        dense[captured["visual_pos_masks"].to(plain.device)] = features.to(plain.dtype)
+        injections.append(dense)
+    return torch.where(vision_mask[..., None], captured["inputs_embeds"], plain), captured.get("position_ids"), injections
 
 
 def _sequences(positions: Tensor, packed: bool) -> list[Tensor]:
@@ -124,9 +137,6 @@ def reference_forward(
         packed = attention_mask is None and position_ids is not None
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if position_ids is None:
-        position_ids = torch.arange(seq_len, device=input_ids.device)[None]
-    position_ids = position_ids.expand(bsz, seq_len)
     if pixel_values is not None:
         vision_inputs["pixel_values"] = pixel_values
     if vision_mask is None:
@@ -135,19 +145,27 @@ def reference_forward(
                        else torch.zeros_like(input_ids, dtype=torch.bool))
     types, window = attention_layer_types(lm)
     windows = [window if t == "sliding_attention" else None for t in types]
+    scheme = classes.model_class(model).positions
 
     with stock_attention(model):
-        embeds = _embeddings(model, input_ids, vision_inputs, vision_mask)
+        embeds, stock_positions, injections = _stock_inputs(
+            model, input_ids, attention_mask, vision_inputs, vision_mask,
+            want_positions=scheme != ROPE and position_ids is None)
+        pos = call_positions(scheme, position_ids if position_ids is not None else stock_positions, bsz,
+                                       seq_len, 0, input_ids.device)
+        rope = pos.rope.expand(*pos.rope.shape[:-2], bsz, seq_len)  # [B, L] or [3, B, L]
+        order = rope if rope.dim() == 2 else (pos.explicit.expand(bsz, seq_len) if pos.explicit is not None
+                                              else rope[0])
         outputs = []
         for b in range(bsz):
             keep = attention_mask[b].bool()
             valid = torch.arange(seq_len, device=input_ids.device)[keep]  # pad tokens play no part
             full = None
-            for seq in _sequences(position_ids[b].index_select(0, valid), packed):
+            for seq in _sequences(order[b].index_select(0, valid), packed):
                 rows = valid.index_select(0, seq)
                 out = _one_sequence(model, lm, side_branch, windows, embeds[b].index_select(0, rows)[None],
-                                    position_ids[b].index_select(0, rows), vision_mask[b].index_select(0, rows),
-                                    r, f, hidden_only)
+                                    rope[..., b, :].index_select(-1, rows), vision_mask[b].index_select(0, rows),
+                                    r, f, hidden_only, [x[b].index_select(0, rows)[None] for x in injections])
                 if full is None:
                     full = out.new_zeros(seq_len, out.shape[-1])
                 full = full.index_copy(0, rows, out[0])
@@ -159,16 +177,22 @@ def reference_forward(
 
 
 def _one_sequence(model, lm, side_branch, windows: list, hidden: Tensor, positions: Tensor, is_image: Tensor, r: int,
-                  f: int, hidden_only: bool) -> Tensor:
-    """docs/CONTRACT.md for one sequence ``[1, n, D]`` without pads: full layers, route, side branch, fuse."""
+                  f: int, hidden_only: bool, injections: list[Tensor]) -> Tensor:
+    """docs/CONTRACT.md for one sequence ``[1, n, D]`` without pads: full layers (each followed by its deepstack
+    injection, if any), route, side branch, fuse."""
     n = len(lm.layers)
+    if len(injections) > r:
+        raise ValueError(f"{len(injections)} deepstack injections reach the route layer {r}")
     text_idx = torch.arange(is_image.numel(), device=is_image.device)[~is_image]
     image_idx = torch.arange(is_image.numel(), device=is_image.device)[is_image]
-    hidden = _run(lm.layers[:r], windows[:r], lm, hidden, positions)
+    for i in range(r):
+        hidden = _run(lm.layers[i : i + 1], windows[i : i + 1], lm, hidden, positions)
+        if i < len(injections):
+            hidden = hidden + injections[i]
     text = _run(lm.layers[r : n - f], windows[r : n - f], lm, hidden.index_select(1, text_idx),
-                positions.index_select(0, text_idx))
+                positions.index_select(-1, text_idx))
     image = _run([side_branch], [windows[r]], lm, hidden.index_select(1, image_idx),
-                 positions.index_select(0, image_idx))
+                 positions.index_select(-1, image_idx))
     fused = hidden.clone().index_copy(1, text_idx, text).index_copy(1, image_idx, image)
     fused = lm.norm(_run(lm.layers[n - f :], windows[n - f :], lm, fused, positions))
     return fused if hidden_only else model.lm_head(fused)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from families import FAMILIES, IMAGE, VIDEO, WITH_VIDEO, family_batch, tiny_family
+from tiny import check_save_load_round_trip
 
 import dpvr_kernels
 from dpvr_kernels.reference import reference_forward
@@ -79,16 +80,7 @@ def test_greedy_generate_equals_reference_loop(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_save_load_round_trip(name, tmp_path):
     model = dpvr_kernels.patch(tiny_family(name, seed=5), route_layer=3)
-    with torch.no_grad():
-        for p in model.model.language_model.dpvr_side_branch.parameters():
-            p.add_(0.01 * torch.randn_like(p))  # a trained side branch differs from layer r
-    model.save_pretrained(tmp_path)
-    loaded = type(model).from_pretrained(tmp_path).eval()
-    dpvr_kernels.patch(loaded)
-    assert loaded.config.dpvr == model.config.dpvr
-    batch = family_batch(model, _layouts(name), seed=6)
-    with torch.no_grad():
-        assert torch.equal(model(**batch, use_cache=False).logits, loaded(**batch, use_cache=False).logits)
+    check_save_load_round_trip(model, family_batch(model, _layouts(name), seed=6), tmp_path)
 
 
 @pytest.mark.parametrize("name", WITH_VIDEO)

@@ -73,3 +73,19 @@ def make_batch(layouts: list[list[str]], seed: int = 0, dtype: torch.dtype = tor
     input_ids, mask = pad_rows(rows, left_pad)
     pixel_values = torch.randn(n_images, 3, 28, 28, generator=g).to(dtype) if n_images else None
     return input_ids, mask, pixel_values
+
+
+def check_save_load_round_trip(model, batch: dict, path) -> None:
+    """A patched model whose side branch differs from layer r (as a trained one does) saves and comes back with
+    ``from_pretrained`` + ``patch()``: same settings, bit-equal logits on ``batch``."""
+    import dpvr_kernels
+
+    with torch.no_grad():
+        for p in model.model.language_model.dpvr_side_branch.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(path)
+    loaded = type(model).from_pretrained(path).eval()
+    dpvr_kernels.patch(loaded)
+    assert loaded.config.dpvr == model.config.dpvr
+    with torch.no_grad():
+        assert torch.equal(model(**batch, use_cache=False).logits, loaded(**batch, use_cache=False).logits)

@@ -332,6 +332,10 @@ def load_user_model(parser: argparse.ArgumentParser, spec: str, dtype: torch.dty
         parser.error(f"--model {spec}: model_type {model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])}) "
                      f"is not a LLaVA-family model. DPVR-LF patches {', '.join(SUPPORTED)}; pass one "
                      f"of those checkpoints")
+    if BY_MODEL_TYPE[model_type].positions != "rope":
+        parser.error(f"--model {spec}: {BY_MODEL_TYPE[model_type].name} is supported by dpvr_kernels.patch() in "
+                     "Python, not yet by the command line (its M-RoPE inputs and cost model are not wired here); "
+                     "patch it in Python, or pass a LLaVA-family checkpoint")
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:

@@ -42,6 +42,12 @@ class ModelClass:
     inputs: tuple[VisionInput, ...]
     decoder: str = "language_model"
     """Attribute of ``model.model`` that holds the decoder (its ``layers``, ``rotary_emb``, ``norm``)."""
+    positions: str = "rope"
+    """Position scheme of the decoder (``positions.py``): ``"rope"`` (1-D), ``"mrope"`` (Qwen2-VL's 3-D rows) or
+    ``"mrope_text"`` (Qwen3-VL's)."""
+    deepstack: bool = False
+    """The decoder adds vision features to the vision tokens' states after its first layers (Qwen3-VL's
+    deepstack: one per ``config.vision_config.deepstack_visual_indexes``), which must happen before the route."""
 
 
 SUPPORTED: dict[str, ModelClass] = {
@@ -52,6 +58,12 @@ SUPPORTED: dict[str, ModelClass] = {
         ModelClass("LlavaNextVideoForConditionalGeneration", "llava_next_video", "Vicuna", (IMAGE, VIDEO)),
         ModelClass("LlavaOnevisionForConditionalGeneration", "llava_onevision", "Qwen2", (IMAGE, VIDEO)),
         ModelClass("VipLlavaForConditionalGeneration", "vipllava", "Vicuna", (IMAGE,)),
+        ModelClass("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2", (IMAGE, VIDEO), positions="mrope"),
+        ModelClass("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "Qwen2.5", (IMAGE, VIDEO), positions="mrope"),
+        ModelClass("Qwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3", (IMAGE, VIDEO), positions="mrope_text",
+                   deepstack=True),
+        ModelClass("Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe", "Qwen3-MoE", (IMAGE, VIDEO),
+                   positions="mrope_text", deepstack=True),
     )
 }
 
@@ -97,6 +109,13 @@ def model_class(model: nn.Module) -> ModelClass:
         f"dpvr_kernels.patch does not support {type(model).__name__}; supported model classes: "
         f"{', '.join(SUPPORTED)}. Load the checkpoint with one of them (e.g. AutoModelForImageTextToText)."
     )
+
+
+def deepstack_layers(model: nn.Module, row: ModelClass) -> int:
+    """How many of the decoder's first layers are followed by a deepstack injection (0 without deepstack)."""
+    if not row.deepstack:
+        return 0
+    return len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())
 
 
 def _carries(kwargs: dict, vision: VisionInput) -> bool:

@@ -26,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from ..ops import fuse_merge, route_split
 from ..plan import build_route_plan_from_mask, packed_sequence_ids, sequence_ids_from_cu_seqlens
 from ..vision_tokens import tokens_per_image
-from . import classes, distributed
+from . import classes, distributed, positions
 from .attention import VarlenSegments
 from .backbone import (
     CACHE_KW,
@@ -39,7 +39,7 @@ from .backbone import (
 )
 from .cache import DPVRCache, TextCacheWriter, adopt_cache, deep_decode_mask, is_dpvr_cache
 
-__all__ = ["dpvr_language_forward", "vision_wrapper_forward"]
+__all__ = ["add_deepstack", "dpvr_language_forward", "vision_wrapper_forward"]
 
 
 def _full_masks(lm, inputs_embeds: Tensor, attention_mask: Tensor | None, cache, position_ids: Tensor) -> dict:
@@ -65,7 +65,8 @@ def _window_error(span: int, window: int) -> ValueError:
 
 def _route_forward(lm, hidden: Tensor, vision_mask: Tensor, attention_mask, position_ids: Tensor, sequence_ids,
                    cache: DPVRCache | None, use_cache: bool, layer_kwargs: dict) -> Tensor:
-    """Prefill of layers [r, N-f): route, run the text stream and the side branch, fuse."""
+    """Prefill of layers [r, N-f): route, run the text stream and the side branch, fuse. ``position_ids`` are the
+    rotary positions (``[B|1, L]``, or ``[3, B|1, L]`` M-RoPE rows), gathered per token into each stream."""
     state: PatchState = lm._dpvr_state
     r, f = state.settings.route_layer, state.settings.fusion_layers
     backend = state.settings.backend
@@ -80,11 +81,11 @@ def _route_forward(lm, hidden: Tensor, vision_mask: Tensor, attention_mask, posi
     text_cache = TextCacheWriter(cache, plan) if cache is not None else None
 
     if plan.num_text:
-        text_pos = plan.text_position_ids[None]
-        segments = VarlenSegments(plan.text_cu_seqlens, plan.text_seqlens, plan.max_text_len, plan.text_position_ids,
-                                  plan.position_span)
+        segments = VarlenSegments(plan.text_cu_seqlens, plan.text_seqlens, plan.max_text_len,
+                                  positions.order_row(plan.text_position_ids), plan.position_span)
         text = text[None]
-        pe = lm.rotary_emb(text, text_pos)
+        pe = lm.rotary_emb(text, positions.rope_input(plan.text_position_ids))
+        text_pos = positions.stream_layer_positions(plan.text_position_ids)
         for i in deep:
             text = layer_call(lm.layers[i], text, text_cache, attention_mask=None, position_embeddings=pe,
                               position_ids=text_pos, use_cache=use_cache, dpvr_segments=segments, **layer_kwargs)
@@ -99,13 +100,13 @@ def _route_forward(lm, hidden: Tensor, vision_mask: Tensor, attention_mask, posi
             text_cache.fill_empty(i, heads, head_dim, hidden.dtype, hidden.device)
 
     if plan.num_vision:
-        vision_pos = plan.vision_position_ids[None]
         segments = VarlenSegments(plan.vision_cu_seqlens, plan.vision_seqlens, plan.max_vision_len,
-                                  plan.vision_position_ids, plan.position_span)
+                                  positions.order_row(plan.vision_position_ids), plan.position_span)
         vision = vision[None]
-        pe = lm.rotary_emb(vision, vision_pos)
+        pe = lm.rotary_emb(vision, positions.rope_input(plan.vision_position_ids))
         vision = layer_call(getattr(lm, SIDE_BRANCH), vision, None, attention_mask=None, position_embeddings=pe,
-                            position_ids=vision_pos, use_cache=False, dpvr_segments=segments, **layer_kwargs)[0]
+                            position_ids=positions.stream_layer_positions(plan.vision_position_ids),
+                            use_cache=False, dpvr_segments=segments, **layer_kwargs)[0]
     return fuse_merge(text, vision, hidden, plan, backend=backend)
 
 
@@ -151,6 +152,8 @@ def dpvr_language_forward(
             )
     kwargs.pop("return_dict", None)
     vision_mask = kwargs.pop(VISION_MASK_KW, None)  # None: no vision features in this call, every token is text
+    # Qwen3-VL's deepstack: features added to the vision tokens' states after the first layers (all below r).
+    deepstack_mask, deepstack = kwargs.pop("visual_pos_masks", None), kwargs.pop("deepstack_visual_embeds", None)
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     if inputs_embeds is None:
@@ -173,24 +176,28 @@ def dpvr_language_forward(
     # Prefill or decode step is host-side state of the cache: no device sync, no branch on tensor values.
     prefill = cache is None or not cache.dpvr_filled
     past = cache.get_seq_length() if cache is not None else 0  # an int, or a tensor for a static cache
-    explicit_positions = position_ids
-    if position_ids is None:
-        position_ids = (torch.arange(q_len, device=inputs_embeds.device) + past).unsqueeze(0)
+    pos = positions.call_positions(state.model_class.positions, position_ids, batch, q_len, past,
+                                   inputs_embeds.device)
 
     if not prefill and state.window is not None and isinstance(past, int) and past + q_len > state.window:
         raise _window_error(past + q_len - 1, state.window)
-    masks = _full_masks(self, inputs_embeds, attention_mask, cache, position_ids)
-    pe = self.rotary_emb(inputs_embeds, position_ids)
-    common = dict(position_embeddings=pe, position_ids=position_ids, use_cache=use_cache, **kwargs)
+    masks = _full_masks(self, inputs_embeds, attention_mask, cache, pos.stock)
+    pe = self.rotary_emb(inputs_embeds, pos.rope)
+    common = dict(position_embeddings=pe, position_ids=pos.stock, use_cache=use_cache, **kwargs)
     hidden = inputs_embeds
     for i in range(r):
         hidden = layer_call(self.layers[i], hidden, cache, attention_mask=masks[state.layer_types[i]], **common)
+        if deepstack is not None and i < len(deepstack):
+            hidden = add_deepstack(hidden, deepstack_mask, deepstack[i])
+    if deepstack is not None and len(deepstack) > r:
+        raise ValueError(f"{len(deepstack)} deepstack injections reach layer {r}, the route layer: patch with "
+                         f"route_layer >= {len(deepstack)}")
 
     if prefill:
         if vision_mask is None:
             vision_mask = torch.zeros(batch, q_len, dtype=torch.bool, device=inputs_embeds.device)
-        sequence_ids = _prefill_sequence_ids(attention_mask, explicit_positions, cache, batch, q_len, kwargs)
-        hidden = _route_forward(self, hidden, vision_mask, attention_mask, position_ids, sequence_ids, cache,
+        sequence_ids = _prefill_sequence_ids(attention_mask, pos.explicit, cache, batch, q_len, kwargs)
+        hidden = _route_forward(self, hidden, vision_mask, attention_mask, pos.rope, sequence_ids, cache,
                                 use_cache, kwargs)
     else:
         deep_mask = deep_decode_mask(cache, attention_mask, q_len, batch, inputs_embeds.device)
@@ -201,6 +208,15 @@ def dpvr_language_forward(
         hidden = layer_call(self.layers[i], hidden, cache, attention_mask=masks[state.layer_types[i]], **common)
     hidden = self.norm(hidden)
     return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_KW: cache})
+
+
+def add_deepstack(hidden: Tensor, mask: Tensor, features: Tensor) -> Tensor:
+    """``hidden`` with ``features`` added at the rows of ``mask`` (bool ``[B, L]``), as Qwen3-VL's decoder adds its
+    deepstack features after each of its first layers."""
+    mask = mask.to(hidden.device)
+    out = hidden.clone()
+    out[mask] = hidden[mask] + features.to(hidden.device, hidden.dtype)
+    return out
 
 
 @functools.cache

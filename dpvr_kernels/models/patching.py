@@ -69,7 +69,20 @@ def patch(model: nn.Module, route_layer: int | None = None, fusion_layers: int =
     varlen_config = copy.copy(lm.config)
     varlen_config._attn_implementation_internal = ATTN_NAME
     layer_types, window = attention_layer_types(lm)
-    state = PatchState(settings=settings, model_class=classes.model_class(model), layer_types=layer_types,
+    row = classes.model_class(model)
+    injected = classes.deepstack_layers(model, row)
+    if settings.route_layer < injected:
+        raise ValueError(
+            f"route_layer={settings.route_layer}: {row.name} adds deepstack vision features to the vision tokens "
+            f"after decoder layers 0..{injected - 1}, which the route at layer {settings.route_layer} would skip; "
+            f"pass route_layer >= {injected}"
+        )
+    if window is not None and row.positions != "rope":
+        raise NotImplementedError(
+            f"{row.name} with sliding-window layers is not supported under DPVR-LF (a window over M-RoPE positions "
+            "is not defined by one position per token); load it with use_sliding_window=False, or leave it stock"
+        )
+    state = PatchState(settings=settings, model_class=row, layer_types=layer_types,
                         window=window, user_attn=lm.config._attn_implementation or "eager",
                         varlen_config=varlen_config)
     r, f, n = settings.route_layer, settings.fusion_layers, len(lm.layers)
