@@ -1,4 +1,4 @@
-"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE under DPVR-LF: M-RoPE positions (3 rows from the model's own
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and GLM-4V under DPVR-LF: M-RoPE positions (3 rows from the model's own
 ``get_rope_index``, compressed after each image, continued from ``rope_deltas`` in decode steps; interleaved in
 Qwen3-VL) gathered per token into the text stream and the side branch, and Qwen3-VL's deepstack features added
 after the first layers. Logits against the per-sample reference with left and right padding, images of different
@@ -11,6 +11,8 @@ import pytest
 import torch
 from tiny import check_save_load_round_trip, pad_rows
 from transformers import (
+    Glm4vConfig,
+    Glm4vForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
@@ -25,8 +27,9 @@ import dpvr_kernels
 from dpvr_kernels.reference import reference_forward
 
 IMAGE, VIDEO = 120, 121
-CLASSES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+CLASSES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")
 QWEN3 = ("qwen3_vl", "qwen3_vl_moe")
+FRAMES_SPLIT = ("qwen3_vl", "qwen3_vl_moe", "glm4v")  # a video's frames are separated by timestamp text
 DEEPSTACK = 2  # Qwen3-VL injections after decoder layers 0 and 1
 PATCH_ROW = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch
 # Grids (t, h, w) in patches, cycled over a batch's images: 6, 4 and 9 tokens after the 2 x 2 merge.
@@ -50,6 +53,14 @@ def tiny_qwen(name: str, seed: int = 0, layers: int = 6) -> torch.nn.Module:
                       window_size=56)
         cfg, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE,
                                     video_token_id=VIDEO), Qwen2_5_VLForConditionalGeneration
+    elif name == "glm4v":
+        # GLM-4V: partial rotary (half of the 16-dim heads), M-RoPE sections over the 4 rotary frequencies.
+        text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5})
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, image_size=56)
+        cfg, cls = Glm4vConfig(text_config=text, vision_config=vision, image_token_id=IMAGE,
+                               video_token_id=VIDEO), Glm4vForConditionalGeneration
     else:
         text.update(head_dim=16)
         text["rope_parameters"]["mrope_interleaved"] = True
@@ -75,22 +86,28 @@ def qwen_batch(model, layouts: list[list[str]], seed: int = 0, left_pad: bool = 
     rows, types, image_grids, video_grids = [], [], [], []
     for layout in layouts:
         ids: list[int] = []
+        kinds: list[int] = []  # mm_token_type_ids: 0 text, 1 image, 2 video
         for item in layout:
             if item == "I":
                 grid = IMAGE_GRIDS[len(image_grids) % len(IMAGE_GRIDS)]
                 image_grids.append(grid)
                 ids += [IMAGE] * (grid[0] * grid[1] * grid[2] // 4)
+                kinds += [1] * (grid[0] * grid[1] * grid[2] // 4)
             elif item == "V":
                 video_grids.append(VIDEO_GRID)
-                frame = [VIDEO] * (VIDEO_GRID[1] * VIDEO_GRID[2] // 4)
-                if isinstance(model, (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)):
-                    ids += frame + [7] + frame  # Qwen3-VL: a timestamp (text) between the frames
+                placeholder = IMAGE if model.config.model_type == "glm4v" else VIDEO  # GLM: image ids
+                frame = [placeholder] * (VIDEO_GRID[1] * VIDEO_GRID[2] // 4)
+                if model.config.model_type in FRAMES_SPLIT:
+                    ids += frame + [7] + frame  # a timestamp (text) between the frames
+                    kinds += [2] * len(frame) + [0] + [2] * len(frame)
                 else:
                     ids += frame * VIDEO_GRID[0]
+                    kinds += [2] * len(frame) * VIDEO_GRID[0]
             else:
                 ids.append(int(torch.randint(1, IMAGE - 1, (1,), generator=g)))
+                kinds.append(0)
         rows.append(ids)
-        types.append([1 if t == IMAGE else 2 if t == VIDEO else 0 for t in ids])
+        types.append(kinds)
     input_ids, mask = pad_rows(rows, left_pad)
     mm_types, _ = pad_rows(types, left_pad)
     batch = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": mm_types}
@@ -108,6 +125,16 @@ def qwen_batch(model, layouts: list[list[str]], seed: int = 0, left_pad: bool = 
 
 
 LAYOUTS = [["T", "T", "I", "T", "I", "T"], ["T", "V", "T", "T"], ["T", "T", "T", "T"], ["T", "I", "T", "V", "T"]]
+# GLM-4V marks video frames with the image id, and its stock forward cannot tell images from videos in one call:
+# its batches hold images or videos.
+GLM_LAYOUTS = [["T", "T", "I", "T", "I", "T"], ["T", "I", "T", "T"], ["T", "T", "T", "T"]]
+GLM_VIDEO_LAYOUTS = [["T", "V", "T", "T"], ["T", "T", "T"], ["T", "T", "V", "T"]]
+
+
+def layouts(name: str, video: bool = False) -> list[list[str]]:
+    if name.startswith("glm4v"):
+        return GLM_VIDEO_LAYOUTS if video else GLM_LAYOUTS
+    return LAYOUTS
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
@@ -125,10 +152,10 @@ def _reference(model, batch: dict, **kw) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("left_pad", [True, False])
-@pytest.mark.parametrize("name", CLASSES)
-def test_logits_equal_reference(name, left_pad):
+@pytest.mark.parametrize("name, video", [(n, False) for n in CLASSES] + [("glm4v", True)])
+def test_logits_equal_reference(name, video, left_pad):
     model = dpvr_kernels.patch(tiny_qwen(name), route_layer=2)
-    batch = qwen_batch(model, LAYOUTS, seed=1, left_pad=left_pad)
+    batch = qwen_batch(model, layouts(name, video), seed=1, left_pad=left_pad)
     with torch.no_grad():
         logits = model(**batch, use_cache=False).logits
     ref = _reference(model, batch)
@@ -163,7 +190,7 @@ def _reference_loop(model, batch: dict, steps: int) -> torch.Tensor:
 @pytest.mark.parametrize("name", CLASSES)
 def test_greedy_generate_equals_reference_loop(name, cache):
     model = dpvr_kernels.patch(tiny_qwen(name, seed=3), route_layer=DEEPSTACK if name in QWEN3 else 1)
-    batch = qwen_batch(model, LAYOUTS, seed=4)
+    batch = qwen_batch(model, layouts(name), seed=4)
     kw = {"cache_implementation": "static"} if cache == "static" else {}
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=5, do_sample=False, **kw)
@@ -173,14 +200,14 @@ def test_greedy_generate_equals_reference_loop(name, cache):
 @pytest.mark.parametrize("name", CLASSES)
 def test_save_load_round_trip(name, tmp_path):
     model = dpvr_kernels.patch(tiny_qwen(name, seed=5), route_layer=3)
-    check_save_load_round_trip(model, qwen_batch(model, LAYOUTS, seed=6), tmp_path)
+    check_save_load_round_trip(model, qwen_batch(model, layouts(name), seed=6), tmp_path)
 
 
 @pytest.mark.parametrize("name", CLASSES)
 def test_side_branch_gradients_equal_reference(name):
     model = dpvr_kernels.patch(tiny_qwen(name, seed=7), route_layer=2)
     dpvr_kernels.mark_trainable(model)
-    batch = qwen_batch(model, LAYOUTS[:2], seed=8)
+    batch = qwen_batch(model, layouts(name)[:2], seed=8)
     side = list(model.model.language_model.dpvr_side_branch.parameters())
     keep = batch["attention_mask"].bool()
     model(**batch, use_cache=False).logits[keep].square().mean().backward()
@@ -195,7 +222,7 @@ def test_side_branch_gradients_equal_reference(name):
 @pytest.mark.parametrize("name", CLASSES)
 def test_unpatch_is_bit_exact(name):
     stock = tiny_qwen(name, seed=9)
-    batch = qwen_batch(stock, LAYOUTS, seed=10)
+    batch = qwen_batch(stock, layouts(name), seed=10)
     with torch.no_grad():
         before = stock(**batch, use_cache=False).logits
         model = dpvr_kernels.unpatch(dpvr_kernels.patch(stock, route_layer=2))

@@ -30,6 +30,8 @@ class VisionInput:
 
 IMAGE = VisionInput("image", "image_token_id", "pixel_values")
 VIDEO = VisionInput("video", "video_token_id", "pixel_values_videos")
+# GLM-4.1V/4.5V mark a video's frames with the image placeholder id (mm_token_type_ids tells them apart).
+VIDEO_AS_IMAGE_TOKENS = VisionInput("video", "image_token_id", "pixel_values_videos")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ SUPPORTED: dict[str, ModelClass] = {
                    deepstack=True),
         ModelClass("Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe", "Qwen3-MoE", (IMAGE, VIDEO),
                    positions="mrope_text", deepstack=True),
+        ModelClass("Glm4vForConditionalGeneration", "glm4v", "GLM-4 (partial rotary)", (IMAGE, VIDEO_AS_IMAGE_TOKENS),
+                   positions="mrope"),
     )
 }
 

@@ -3,7 +3,7 @@
 
 - ``"rope"``: 1-D positions ``[B|1, L]`` (Llama, Mistral, Qwen2 decoders). The stock decoder hands the same
   tensor to its rotary embedding, its masks and its layers.
-- ``"mrope"``: multimodal RoPE (Qwen2-VL, Qwen2.5-VL): ``[3, B, L]`` rows (temporal, height, width) from the
+- ``"mrope"``: multimodal RoPE (Qwen2-VL, Qwen2.5-VL, GLM-4V): ``[3, B, L]`` rows (temporal, height, width) from the
   model's own ``get_rope_index``, which the multimodal wrapper computes (and continues from ``rope_deltas`` in
   decode steps). A text token has ``t = h = w``; a vision token its grid cell. A ``[4, B, L]`` input carries 1-D
   text positions first, which the stock masks read (packed rows); ``[3, B, L]`` inputs give the masks none.
