@@ -11,6 +11,10 @@ import torch
 from tiny import pad_rows
 from transformers import (
     CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -20,15 +24,22 @@ from transformers import (
     LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     MistralConfig,
     Qwen2Config,
     SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
     VipLlavaConfig,
     VipLlavaForConditionalGeneration,
 )
 
 IMAGE, VIDEO = 120, 121
-FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "vipllava")
+FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "vipllava", "internvl", "mistral3", "smolvlm",
+            "idefics3")
+# Images batched per sample ([B, max images, C, H, W], zero images pad), the decoder at model.model.text_model.
+PER_SAMPLE_IMAGES = ("smolvlm", "idefics3")
 WITH_VIDEO = ("llava_next_video", "llava_onevision")
 _PINPOINTS = [[28, 56], [56, 28], [56, 56]]
 _MAX_TILES = 5  # the base tile + a 2 x 2 grid
@@ -84,6 +95,25 @@ def tiny_family(name: str, seed: int = 0, layers: int = 6, text=None, attn: str 
                                    image_token_id=IMAGE, video_token_id=VIDEO, image_grid_pinpoints=_PINPOINTS,
                                    vision_feature_layer=-1)
         cls = LlavaOnevisionForConditionalGeneration
+    elif name == "internvl":
+        vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                      image_size=[56, 56], patch_size=[14, 14])
+        cfg = InternVLConfig(vision_config=vision, text_config=(text or text_config("qwen2", layers=layers)).to_dict(),
+                             image_token_id=IMAGE, downsample_ratio=0.5)
+        cls = InternVLForConditionalGeneration
+    elif name == "mistral3":
+        vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                      patch_size=14, head_dim=16)
+        cfg = Mistral3Config(vision_config=vision, text_config=(text or text_config("mistral", layers=layers)).to_dict(),
+                             image_token_id=IMAGE, spatial_merge_size=2)
+        cls = Mistral3ForConditionalGeneration
+    elif name in PER_SAMPLE_IMAGES:
+        vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                      patch_size=14)
+        config_cls, cls = ((SmolVLMConfig, SmolVLMForConditionalGeneration) if name == "smolvlm"
+                           else (Idefics3Config, Idefics3ForConditionalGeneration))
+        cfg = config_cls(vision_config=vision, text_config=(text or text_config(layers=layers)).to_dict(),
+                         image_token_id=IMAGE, scale_factor=2)
     else:
         raise ValueError(f"unknown family {name!r}; one of {FAMILIES}")
     cfg._attn_implementation = attn
@@ -108,8 +138,20 @@ def vision_inputs(model, n_images: int, n_videos: int, seed: int = 0) -> tuple[d
     name = type(model).__name__
     anyres = name.startswith(("LlavaNext", "LlavaOnevision"))
     inputs: dict = {}
+    if not n_images and not n_videos:
+        return inputs, [], []
+    if name.startswith("Mistral3"):  # Pixtral: any size; one patch grid per image
+        inputs["pixel_values"] = torch.randn(n_images, 3, 56, 56, generator=g)
+        inputs["image_sizes"] = torch.tensor([[(56, 56), (28, 56), (56, 28)][i % 3] for i in range(n_images)])
+        with torch.no_grad():
+            out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], return_dict=True)
+        return inputs, _count(out.pooler_output), []
+    if name.startswith(("SmolVLM", "Idefics3")):
+        inputs["pixel_values"] = torch.randn(n_images, 3, 56, 56, generator=g)  # regrouped per sample in family_batch
+        return inputs, [(56 // 14) ** 2 // model.config.scale_factor**2] * n_images, []
     per_image: list[int] = []
     per_video: list[int] = []
+    side = 56 if name.startswith("InternVL") else 28
     with torch.no_grad():
         if n_images:
             if anyres:
@@ -117,7 +159,7 @@ def vision_inputs(model, n_images: int, n_videos: int, seed: int = 0) -> tuple[d
                 inputs["image_sizes"] = torch.tensor([_SIZES[i % len(_SIZES)] for i in range(n_images)])
                 out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], return_dict=True)
             else:
-                inputs["pixel_values"] = torch.randn(n_images, 3, 28, 28, generator=g)
+                inputs["pixel_values"] = torch.randn(n_images, 3, side, side, generator=g)
                 out = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
             per_image = _count(out.pooler_output)
         if n_videos:
@@ -149,4 +191,13 @@ def family_batch(model, layouts: list[list[str]], seed: int = 0, left_pad: bool 
                 ids.append(int(torch.randint(1, IMAGE - 1, (1,), generator=g)))
         rows.append(ids)
     input_ids, mask = pad_rows(rows, left_pad)
+    if type(model).__name__.startswith(("SmolVLM", "Idefics3")) and "pixel_values" in inputs:
+        # [B, most images in a sample, C, H, W]: a sample's images in order, all-zero images as padding
+        counts = [layout.count("I") for layout in layouts]
+        flat, grouped = inputs["pixel_values"], torch.zeros(len(layouts), max(counts), *inputs["pixel_values"].shape[1:])
+        start = 0
+        for b, n in enumerate(counts):
+            grouped[b, :n] = flat[start : start + n]
+            start += n
+        inputs["pixel_values"] = grouped
     return {"input_ids": input_ids, "attention_mask": mask, **inputs}

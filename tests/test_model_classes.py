@@ -147,3 +147,27 @@ def test_positional_video_pixels_are_routed(name):
                                 pixel_values_videos=batch["pixel_values_videos"])
     assert torch.equal(by_position, by_name)
     assert _rel_err(by_name, ref, batch["attention_mask"]) < 1e-5
+
+
+def test_mistral3_break_tokens_stay_text():
+    """Pixtral prompts split an image's placeholders into rows with [IMG_BREAK] and close them with [IMG_END]:
+    those are text tokens (stock embeds them as text), so they run the deep layers while the image rows go to the
+    side branch; logits equal the reference, with two images of different sizes."""
+    from families import vision_inputs
+
+    model = dpvr_kernels.patch(tiny_family("mistral3", seed=14), route_layer=2)
+    inputs, per_image, _ = vision_inputs(model, 2, 0, seed=15)
+    brk, end = 10, 11
+    ids: list[int] = [1, 5]
+    for (_h, w), n in zip(inputs["image_sizes"].tolist(), per_image, strict=True):
+        cols = w // 14 // 2  # patches per row after the 2 x 2 merge
+        assert n % cols == 0
+        for row in range(n // cols):
+            ids += [IMAGE] * cols + [end if row == n // cols - 1 else brk]
+        ids += [7]
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **inputs}
+    with torch.no_grad():
+        logits = model(**batch, use_cache=False).logits
+    assert _rel_err(logits, _reference(model, batch), batch["attention_mask"]) < 1e-5
+    vision = batch["input_ids"] == IMAGE
+    assert vision.sum() == sum(per_image) and ((batch["input_ids"] == brk) | (batch["input_ids"] == end)).sum() >= 2

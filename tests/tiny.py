@@ -79,9 +79,10 @@ def check_save_load_round_trip(model, batch: dict, path) -> None:
     """A patched model whose side branch differs from layer r (as a trained one does) saves and comes back with
     ``from_pretrained`` + ``patch()``: same settings, bit-equal logits on ``batch``."""
     import dpvr_kernels
+    from dpvr_kernels.models.backbone import side_branch
 
     with torch.no_grad():
-        for p in model.model.language_model.dpvr_side_branch.parameters():
+        for p in side_branch(model).parameters():
             p.add_(0.01 * torch.randn_like(p))
     model.save_pretrained(path)
     loaded = type(model).from_pretrained(path).eval()
