@@ -247,3 +247,23 @@ def test_deepstack_is_added_before_the_route(name):
     assert (with_features - without).abs().max() > 1e-4
     with pytest.raises(ValueError, match=f"route_layer >= {DEEPSTACK}"):
         dpvr_kernels.patch(tiny_qwen(name), route_layer=DEEPSTACK - 1)
+
+
+def test_hf_compiled_generation_with_static_cache():
+    """transformers' compiled decode (compile_config + static cache), with M-RoPE positions continued from
+    ``rope_deltas``: the same tokens as eager, one graph for every decode step (fullgraph: no graph break)."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = dpvr_kernels.patch(tiny_qwen("qwen2_5_vl", seed=13), route_layer=2)
+    batch = qwen_batch(model, LAYOUTS, seed=14)
+    config = CompileConfig(fullgraph=True, mode="default", dynamic=None)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        eager = model.generate(**batch, max_new_tokens=6, do_sample=False)
+        compiled = model.generate(**batch, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                                  compile_config=config)
+    assert torch.equal(eager, compiled)
+    assert counters["stats"]["unique_graphs"] == 1
