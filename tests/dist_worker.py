@@ -1,6 +1,7 @@
 """One rank of the multi-process tests (launched by dist_util.run_ranks, or by hand with torchrun):
 
     python dist_worker.py tp    OUT MODEL_DIR   # tensor parallel: logits, greedy generate, save + reload a side branch
+    python dist_worker.py tp_mrope OUT MODEL_DIR  # the same logits and generate for an M-RoPE class (Qwen2.5-VL)
     python dist_worker.py ddp   OUT MODEL_DIR   # HF Trainer under DDP: losses and side-branch weights
     python dist_worker.py fsdp  OUT MODEL_DIR   # FSDP2 fully_shard, a plain training loop
     python dist_worker.py distill OUT MODEL_DIR DATA  # dpvr_kernels.distill (the Trainer) under DDP -> OUT/out
@@ -82,7 +83,34 @@ def logits_and_tokens(model) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, tokens
 
 
+def mrope_logits_and_tokens(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and 5 greedy tokens of a Qwen2.5-VL on images of three sizes, a video and a text-only sample."""
+    from qwen_models import LAYOUTS, qwen_batch
+
+    batch = qwen_batch(model, LAYOUTS, seed=1)
+    with torch.no_grad():
+        logits = model(**batch, use_cache=False).logits
+        tokens = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    return logits, tokens
+
+
+def load_mrope(model_dir: str, **kwargs):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, **kwargs).eval()
+    return dpvr_kernels.patch(model, route_layer=2)
+
+
 # --------------------------------------------------------------------------------------------------- modes
+
+
+def run_tp_mrope(out: Path, model_dir: str) -> None:
+    """An M-RoPE model (3-row positions per token in both streams) under tensor parallelism."""
+    model = load_mrope(model_dir, tp_plan="auto")
+    q = model.model.language_model.dpvr_side_branch.self_attn.q_proj.weight
+    logits, tokens = mrope_logits_and_tokens(model)
+    if dist.get_rank() == 0:
+        torch.save({"placements": str(q.placements), "logits": logits, "tokens": tokens}, out / "tp_mrope.pt")
 
 
 def run_tp(out: Path, model_dir: str) -> None:
@@ -207,10 +235,11 @@ def run_distill(out: Path, model_dir: str) -> None:
 def main() -> None:
     mode, out, model_dir = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     torch.manual_seed(0)
-    if mode != "tp":  # from_pretrained(tp_plan=...) starts the process group itself
+    if mode not in ("tp", "tp_mrope"):  # from_pretrained(tp_plan=...) starts the process group itself
         dist.init_process_group("gloo")
     try:
-        {"tp": run_tp, "ddp": run_ddp, "fsdp": run_fsdp, "distill": run_distill}[mode](out, model_dir)
+        {"tp": run_tp, "tp_mrope": run_tp_mrope, "ddp": run_ddp, "fsdp": run_fsdp,
+         "distill": run_distill}[mode](out, model_dir)
         dist.barrier()
     finally:
         if dist.is_initialized():

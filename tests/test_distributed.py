@@ -77,6 +77,21 @@ def test_tensor_parallel_matches_single_process(model_dir, tmp_path):
     assert float((one_logits - want_logits).abs().max()) > 1e-3  # the changed side branch is in use
 
 
+def test_tensor_parallel_mrope_matches_single_process(tmp_path):
+    """Qwen2.5-VL (M-RoPE rows gathered per token into both streams) under HF tensor parallelism on 2 ranks:
+    the logits and greedy tokens of one process."""
+    from qwen_models import tiny_qwen
+
+    model_dir = tmp_path / "qwen2_5_vl"
+    tiny_qwen("qwen2_5_vl", seed=21).save_pretrained(model_dir)
+    run_ranks("tp_mrope", tmp_path, str(model_dir), timeout=TIMEOUT_S)
+    got = torch.load(tmp_path / "tp_mrope.pt")
+    assert got["placements"] == "(Shard(dim=0),)"  # the side branch is sharded like its layer
+    want_logits, want_tokens = w.mrope_logits_and_tokens(w.load_mrope(str(model_dir)))
+    assert float((got["logits"] - want_logits).abs().max()) <= TOL
+    assert torch.equal(got["tokens"], want_tokens)
+
+
 # ------------------------------------------------------------------------------------------------- training
 
 
