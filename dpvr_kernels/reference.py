@@ -64,9 +64,11 @@ def _stock_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, v
 
     row = classes.model_class(model)
     ids = input_ids.clone()
+    hidden = torch.zeros_like(vision_mask)
     for vision in row.inputs:  # stock would count text-role placeholders as vision tokens: hide them from it
         token = getattr(model.config, vision.token_id)
-        ids[(input_ids == token) & ~vision_mask] = 0 if token != 0 else 1
+        hidden |= (input_ids == token) & ~vision_mask
+    ids[hidden] = 0 if 0 not in [getattr(model.config, v.token_id) for v in row.inputs] else 1
     handle = language_model(model).register_forward_pre_hook(capture, with_kwargs=True)
     rope_deltas = getattr(llava, "rope_deltas", None)  # M-RoPE wrappers keep it for decode steps: leave it be
     try:
@@ -82,7 +84,9 @@ def _stock_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, v
         dense = plain.new_zeros(plain.shape)
         dense[captured["visual_pos_masks"].to(plain.device)] = features.to(plain.dtype)
         injections.append(dense)
-    return torch.where(vision_mask[..., None], captured["inputs_embeds"], plain), captured.get("position_ids"), injections
+    # Stock's embeddings everywhere (vision features, and e.g. Ovis2's indicator tokens), but the hidden
+    # text-role placeholders keep the plain embedding of their own id.
+    return torch.where(hidden[..., None], plain, captured["inputs_embeds"]), captured.get("position_ids"), injections
 
 
 def _sequences(positions: Tensor, packed: bool) -> list[Tensor]:

@@ -11,10 +11,14 @@ import torch
 from tiny import pad_rows
 from transformers import (
     CLIPVisionConfig,
+    DeepseekVLConfig,
+    DeepseekVLForConditionalGeneration,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     InternVLConfig,
     InternVLForConditionalGeneration,
+    JanusConfig,
+    JanusForConditionalGeneration,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -27,6 +31,8 @@ from transformers import (
     Mistral3Config,
     Mistral3ForConditionalGeneration,
     MistralConfig,
+    Ovis2Config,
+    Ovis2ForConditionalGeneration,
     Qwen2Config,
     SiglipVisionConfig,
     SmolVLMConfig,
@@ -37,7 +43,9 @@ from transformers import (
 
 IMAGE, VIDEO = 120, 121
 FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "vipllava", "internvl", "mistral3", "smolvlm",
-            "idefics3")
+            "idefics3", "deepseek_vl", "janus", "ovis2")
+#: Ovis2's visual indicator tokens (stock embeds them from the visual tokenizer's table): text tokens here.
+OVIS2_INDICATORS = [100, 101, 102, 103, 104]
 # Images batched per sample ([B, max images, C, H, W], zero images pad), the decoder at model.model.text_model.
 PER_SAMPLE_IMAGES = ("smolvlm", "idefics3")
 WITH_VIDEO = ("llava_next_video", "llava_onevision")
@@ -107,6 +115,21 @@ def tiny_family(name: str, seed: int = 0, layers: int = 6, text=None, attn: str 
         cfg = Mistral3Config(vision_config=vision, text_config=(text or text_config("mistral", layers=layers)).to_dict(),
                              image_token_id=IMAGE, spatial_merge_size=2)
         cls = Mistral3ForConditionalGeneration
+    elif name in ("deepseek_vl", "janus"):
+        vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                      patch_size=14)
+        if name == "janus":
+            vision["projection_dim"] = 64
+        config_cls, cls = ((DeepseekVLConfig, DeepseekVLForConditionalGeneration) if name == "deepseek_vl"
+                           else (JanusConfig, JanusForConditionalGeneration))
+        cfg = config_cls(vision_config=vision, text_config=(text or text_config(layers=layers)).to_dict(),
+                         image_token_id=IMAGE)
+    elif name == "ovis2":
+        vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                      patch_size=14, vocab_size=64)
+        cfg = Ovis2Config(vision_config=vision, text_config=(text or text_config("qwen2", layers=layers)).to_dict(),
+                          image_token_id=IMAGE, visual_indicator_token_ids=OVIS2_INDICATORS, hidden_size=64)
+        cls = Ovis2ForConditionalGeneration
     elif name in PER_SAMPLE_IMAGES:
         vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=56,
                       patch_size=14)
@@ -151,7 +174,7 @@ def vision_inputs(model, n_images: int, n_videos: int, seed: int = 0) -> tuple[d
         return inputs, [(56 // 14) ** 2 // model.config.scale_factor**2] * n_images, []
     per_image: list[int] = []
     per_video: list[int] = []
-    side = 56 if name.startswith("InternVL") else 28
+    side = 56 if name.startswith(("InternVL", "DeepseekVL", "Janus", "Ovis2")) else 28
     with torch.no_grad():
         if n_images:
             if anyres:

@@ -171,3 +171,29 @@ def test_mistral3_break_tokens_stay_text():
     assert _rel_err(logits, _reference(model, batch), batch["attention_mask"]) < 1e-5
     vision = batch["input_ids"] == IMAGE
     assert vision.sum() == sum(per_image) and ((batch["input_ids"] == brk) | (batch["input_ids"] == end)).sum() >= 2
+
+
+def test_ovis2_indicator_tokens_are_text():
+    """Ovis2 wraps an image's placeholders in visual indicator tokens, which stock embeds from the visual
+    tokenizer's table. They are text here (markers, like Pixtral's [IMG_BREAK]): they run the deep layers with
+    the stock embedding; only the placeholders go to the side branch. Logits equal the reference."""
+    from families import OVIS2_INDICATORS, vision_inputs
+
+    model = dpvr_kernels.patch(tiny_family("ovis2", seed=16), route_layer=2)
+    inputs, per_image, _ = vision_inputs(model, 1, 0, seed=17)
+    start, end = OVIS2_INDICATORS[0], OVIS2_INDICATORS[-1]
+    ids = torch.tensor([[1, 5, start] + [IMAGE] * per_image[0] + [end, 6, 7]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **inputs}
+    with torch.no_grad():
+        logits = model(**batch, use_cache=False).logits
+        plain = model.get_input_embeddings()(ids)
+        captured = {}
+        handle = model.model.language_model.register_forward_pre_hook(
+            lambda m, a, kw: captured.update(embeds=kw["inputs_embeds"]), with_kwargs=True)
+        try:
+            model(**batch, use_cache=False)
+        finally:
+            handle.remove()
+    marker = (ids == start) | (ids == end)
+    assert not torch.allclose(captured["embeds"][marker], plain[marker])  # stock gives them visual embeddings
+    assert _rel_err(logits, _reference(model, batch), batch["attention_mask"]) < 1e-5
