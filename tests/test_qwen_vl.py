@@ -146,3 +146,43 @@ def test_hf_compiled_generation_with_static_cache():
                                   compile_config=config)
     assert torch.equal(eager, compiled)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_packed_rows_equal_separate_sequences(name):
+    """Padding-free packing as training collators do it for M-RoPE: one row of two sequences, positions as
+    ``[4, 1, L]`` (1-D text positions first, then each sequence's own M-RoPE rows, restarting at 0) and the
+    flash-attn style ``cu_seq_lens_q`` that names the boundaries. Each sequence's logits equal the sequence run
+    alone."""
+    model = dpvr_kernels.patch(tiny_qwen(name, seed=15), route_layer=2)
+    seqs = [qwen_batch(model, [["T", "I", "T", "T"]], seed=16), qwen_batch(model, [["T", "T", "I", "T", "I"]], seed=17)]
+    alone, rows, text_rows = [], [], []
+    for batch in seqs:
+        with torch.no_grad():
+            alone.append(model(**batch, use_cache=False).logits[0])
+        rope, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                             image_grid_thw=batch["image_grid_thw"])
+        rows.append(rope[:, 0])
+        text_rows.append(torch.arange(batch["input_ids"].shape[1]))
+    lengths = [b["input_ids"].shape[1] for b in seqs]
+    packed = {
+        "input_ids": torch.cat([b["input_ids"] for b in seqs], 1),
+        "mm_token_type_ids": torch.cat([b["mm_token_type_ids"] for b in seqs], 1),
+        "pixel_values": torch.cat([b["pixel_values"] for b in seqs]),
+        "image_grid_thw": torch.cat([b["image_grid_thw"] for b in seqs]),
+        "position_ids": torch.cat([torch.cat(text_rows)[None], torch.cat(rows, 1)])[:, None],
+        "cu_seq_lens_q": torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32),
+    }
+    packed["cu_seq_lens_k"], packed["max_length_q"] = packed["cu_seq_lens_q"], max(lengths)
+    packed["max_length_k"] = max(lengths)
+    with torch.no_grad():
+        logits = model(**packed, use_cache=False).logits[0]
+    want = torch.cat(alone)
+    assert ((logits - want).abs().max() / want.abs().max()).item() < 1e-5
+    # Teeth: the same row read as one sequence (no cu_seq_lens, a text row that does not restart) differs.
+    one = {k: v for k, v in packed.items() if not k.startswith(("cu_seq", "max_length"))}
+    one["position_ids"] = one["position_ids"].clone()
+    one["position_ids"][0, 0] = torch.arange(sum(lengths))
+    with torch.no_grad():
+        joined = model(**one, use_cache=False).logits[0]
+    assert ((joined - want).abs().max() / want.abs().max()).item() > 1e-3
