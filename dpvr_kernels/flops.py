@@ -66,7 +66,10 @@ from .vision_tokens import VisionWork, _pair, is_anyres, tokens_per_image
 
 __all__ = ["CostReport", "cost_model", "route_layer_table"]
 
-_SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text",
+                         "glm4v_text")
+# The decoders of the M-RoPE classes are these Llama-style layers (their rotary positions cost nothing here).
+_TEXT_TYPE_AS = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3"}
 _SUPPORTED_VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 _BREAKDOWN_KEYS = (
     "vision_tower",
@@ -100,6 +103,8 @@ class _TextShape:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool
+    extra_norms: int = 0
+    """RMSNorms per layer beyond the two of a Llama layer (GLM-4V: after attention and after the MLP)."""
 
     @property
     def q_dim(self) -> int:
@@ -115,7 +120,7 @@ class _TextShape:
         attn = (h * q + q * self.q_bias) + (h * kv + kv * self.k_bias) + (h * kv + kv * self.v_bias)
         attn += q * h + h * self.o_bias
         mlp = 2 * (h * i + i * self.mlp_bias) + (i * h + h * self.mlp_bias)
-        norms = 2 * h + (2 * self.head_dim if self.qk_norm else 0)
+        norms = (2 + self.extra_norms) * h + (2 * self.head_dim if self.qk_norm else 0)
         return attn + mlp + norms
 
     def layer_linear_flops_per_token(self) -> int:
@@ -213,7 +218,8 @@ def _text_shape(cfg: Any) -> _TextShape:
     head_dim = getattr(cfg, "head_dim", None)
     head_dim = hidden // heads if head_dim is None else int(head_dim)
     attention_bias = bool(getattr(cfg, "attention_bias", False))
-    if model_type == "qwen2":
+    model_type = _TEXT_TYPE_AS.get(model_type, model_type)
+    if model_type in ("qwen2", "glm4v_text"):
         q_bias = k_bias = v_bias = True
         o_bias = False
     elif model_type == "mistral":
@@ -236,6 +242,7 @@ def _text_shape(cfg: Any) -> _TextShape:
         o_bias=o_bias,
         mlp_bias=bool(getattr(cfg, "mlp_bias", False)) if model_type == "llama" else False,
         qk_norm=model_type == "qwen3",
+        extra_norms=2 if model_type == "glm4v_text" else 0,
     )
 
 
@@ -246,7 +253,8 @@ def _vision_shape(config: Any, text: _TextShape) -> _VisionShape:
         raise ValueError(
             f"vision tower model_type {vtype!r} is not modelled by dpvr_kernels.flops; supported: "
             f"{', '.join(_SUPPORTED_VISION_TYPES)} (the CLIP tower of LLaVA-1.5 / -NeXT / VipLLaVA, the SigLIP "
-            f"tower of LLaVA-OneVision)"
+            f"tower of LLaVA-OneVision). For the decoder alone (the part DPVR-LF changes), pass config.text_config "
+            f"with the number of vision tokens"
         )
     tokens_per_image(config)  # checks the feature-select strategy
     feature_layer = getattr(config, "vision_feature_layers", getattr(config, "vision_feature_layer", -2))

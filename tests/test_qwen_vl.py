@@ -186,3 +186,26 @@ def test_packed_rows_equal_separate_sequences(name):
     with torch.no_grad():
         joined = model(**one, use_cache=False).logits[0]
     assert ((joined - want).abs().max() / want.abs().max()).item() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"])
+def test_cost_model_prices_the_decoder(name):
+    """``cost_model(config.text_config, ...)`` (the decoder, which DPVR-LF changes; these towers are not
+    modelled): exact parameter counts of the decoder and the side branch, and the KV bytes of a real cache."""
+    from dpvr_kernels.models.backbone import CACHE_KW, side_branch
+
+    model = dpvr_kernels.patch(tiny_qwen(name, seed=18), route_layer=2)
+    batch = qwen_batch(model, [["T", "I", "T", "T", "I", "T"]], seed=19)  # one sample: no padding
+    vision = int(((batch["input_ids"] == IMAGE) | (batch["input_ids"] == VIDEO)).sum())
+    text = batch["input_ids"].shape[1] - vision
+    report = dpvr_kernels.cost_model(model.config.text_config, image_tokens=vision, text_tokens=text, route_layer=2,
+                                     dtype_bytes=4)
+    lm = model.model.language_model
+    side = sum(p.numel() for p in side_branch(model).parameters())
+    decoder = sum(p.numel() for p in lm.parameters()) - side
+    tied = model.lm_head.weight is lm.embed_tokens.weight
+    assert report.params_total == decoder + (0 if tied else model.lm_head.weight.numel())
+    assert report.params_side_branch == side
+    with torch.no_grad():
+        out = model(**batch, use_cache=True)
+    assert dpvr_kernels.kv_cache_bytes(getattr(out, CACHE_KW)) == report.kv_bytes_dpvr < report.kv_bytes_stock
