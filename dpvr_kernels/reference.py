@@ -2,7 +2,7 @@
 
 No packing, no custom kernels, no varlen attention: for each sample it drops the pad tokens, runs the
 model's own decoder layers with explicit boolean causal masks (as additive masks, which every attention
-implementation accepts), selects the text and image tokens with ``index_select`` and writes them back
+implementation accepts), selects the text and vision tokens with ``index_select`` and writes them back
 with ``index_copy``. Slow on purpose; it follows docs/CONTRACT.md line by line.
 """
 
@@ -180,23 +180,23 @@ def reference_forward(
     return torch.stack(outputs)
 
 
-def _one_sequence(model, lm, side_branch, windows: list, hidden: Tensor, positions: Tensor, is_image: Tensor, r: int,
+def _one_sequence(model, lm, side_branch, windows: list, hidden: Tensor, positions: Tensor, is_vision: Tensor, r: int,
                   f: int, hidden_only: bool, injections: list[Tensor]) -> Tensor:
     """docs/CONTRACT.md for one sequence ``[1, n, D]`` without pads: full layers (each followed by its deepstack
     injection, if any), route, side branch, fuse."""
     n = len(lm.layers)
     if len(injections) > r:
         raise ValueError(f"{len(injections)} deepstack injections reach the route layer {r}")
-    text_idx = torch.arange(is_image.numel(), device=is_image.device)[~is_image]
-    image_idx = torch.arange(is_image.numel(), device=is_image.device)[is_image]
+    text_idx = torch.arange(is_vision.numel(), device=is_vision.device)[~is_vision]
+    vision_idx = torch.arange(is_vision.numel(), device=is_vision.device)[is_vision]
     for i in range(r):
         hidden = _run(lm.layers[i : i + 1], windows[i : i + 1], lm, hidden, positions)
         if i < len(injections):
             hidden = hidden + injections[i]
     text = _run(lm.layers[r : n - f], windows[r : n - f], lm, hidden.index_select(1, text_idx),
                 positions.index_select(-1, text_idx))
-    image = _run([side_branch], [windows[r]], lm, hidden.index_select(1, image_idx),
-                 positions.index_select(-1, image_idx))
-    fused = hidden.clone().index_copy(1, text_idx, text).index_copy(1, image_idx, image)
+    vision = _run([side_branch], [windows[r]], lm, hidden.index_select(1, vision_idx),
+                  positions.index_select(-1, vision_idx))
+    fused = hidden.clone().index_copy(1, text_idx, text).index_copy(1, vision_idx, vision)
     fused = lm.norm(_run(lm.layers[n - f :], windows[n - f :], lm, fused, positions))
     return fused if hidden_only else model.lm_head(fused)

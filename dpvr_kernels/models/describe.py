@@ -29,7 +29,7 @@ def describe(model: nn.Module) -> str:
     lines = [
         f"DPVR-LF on {type(model).__name__} ({type(lm).__name__}, {n} layers, {p.dtype}, {p.device})",
         f"  layers [0, {r}): full sequence, attention '{state.user_attn}'",
-        f"  side branch: copy of layer {r} on image tokens, attention '{ATTN_NAME}' via "
+        f"  side branch: copy of layer {r} on vision tokens, attention '{ATTN_NAME}' via "
         f"{attention.varlen_backend(p.device, p.dtype)}",
         f"  layers [{r}, {n - f}): text tokens only, attention '{ATTN_NAME}' via "
         f"{attention.varlen_backend(p.device, p.dtype)}; KV cache (DPVRCache) holds text only",

@@ -147,7 +147,7 @@ def dpvr_language_forward(
     for flag in ("output_attentions", "output_hidden_states"):
         if kwargs.pop(flag, None) or getattr(self.config, flag, False):
             raise NotImplementedError(
-                f"{flag}=True is not supported by the DPVR-LF forward (image tokens skip the deep layers, so "
+                f"{flag}=True is not supported by the DPVR-LF forward (vision tokens skip the deep layers, so "
                 "per-layer tensors have different token sets); call dpvr_kernels.unpatch(model) to inspect them"
             )
     kwargs.pop("return_dict", None)

@@ -39,7 +39,7 @@ def patch(model: nn.Module, route_layer: int | None = None, fusion_layers: int =
     Args:
         model: a model of a class in ``dpvr_kernels.models.classes.SUPPORTED`` (LLaVA, LLaVA-NeXT, NeXT-Video,
             OneVision, VipLLaVA) with a Llama-family backbone (RoPE; GQA and sliding windows allowed).
-        route_layer: layer at which image tokens leave for the side branch; ``None`` is
+        route_layer: layer at which vision tokens leave for the side branch; ``None`` is
             ``round(N * 18 / 32)`` (18 for LLaVA-1.5-7B), or the value saved in ``config.dpvr``.
         fusion_layers: number of last layers that run on the fused full sequence (>= 1).
         backend: route/merge kernels: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"``.
