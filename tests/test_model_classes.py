@@ -197,3 +197,36 @@ def test_ovis2_indicator_tokens_are_text():
     marker = (ids == start) | (ids == end)
     assert not torch.allclose(captured["embeds"][marker], plain[marker])  # stock gives them visual embeddings
     assert _rel_err(logits, _reference(model, batch), batch["attention_mask"]) < 1e-5
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_static_cache_generate_equals_dynamic(name):
+    """generate(cache_implementation="static") under DPVR-LF (a text-only static cache for the deep layers) gives
+    the dynamic cache's tokens, for every class."""
+    model = dpvr_kernels.patch(tiny_family(name, seed=18), route_layer=2)
+    batch = family_batch(model, _layouts(name), seed=19)
+    with torch.no_grad():
+        dynamic = model.generate(**batch, max_new_tokens=NEW, do_sample=False)
+        static = model.generate(**batch, max_new_tokens=NEW, do_sample=False, cache_implementation="static")
+    assert torch.equal(dynamic, static)
+
+
+@pytest.mark.parametrize("name", ["internvl", "smolvlm"])
+def test_hf_compiled_generation_with_static_cache(name):
+    """transformers' compiled decode (compile_config + static cache) on a Qwen2 decoder (InternVL) and on a
+    decoder at model.model.text_model (SmolVLM): eager's tokens, one graph for every decode step."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = dpvr_kernels.patch(tiny_family(name, seed=20, layers=4), route_layer=1)
+    batch = family_batch(model, _layouts(name), seed=21)
+    config = CompileConfig(fullgraph=True, mode="default", dynamic=None)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        eager = model.generate(**batch, max_new_tokens=NEW, do_sample=False)
+        compiled = model.generate(**batch, max_new_tokens=NEW, do_sample=False, cache_implementation="static",
+                                  compile_config=config)
+    assert torch.equal(eager, compiled)
+    assert counters["stats"]["unique_graphs"] == 1
