@@ -157,3 +157,23 @@ def test_compiled_prefill_matches_eager_without_recompiling_per_length():
         graphs.append(counters["stats"]["unique_graphs"])
     torch._dynamo.reset()
     assert graphs[0] > 0 and graphs[1] == graphs[0], graphs
+
+
+def test_compiled_generation_set_up_through_generation_config():
+    """The transformers docs' idiom: model.generation_config.cache_implementation = "static" and a compile_config
+    on it, then a plain generate(). Eager's tokens, one graph, and the model's generation_config unchanged."""
+    from torch._dynamo.utils import counters
+
+    model = dpvr_kernels.patch(tiny_llava(layers=4), route_layer=1)
+    ids, mask, pv = make_batch(PROMPTS, seed=4)
+    eager = _generate(model, ids, mask, pv, do_sample=False)
+    config = CompileConfig(fullgraph=True, mode="default", dynamic=None)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = config
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = _generate(model, ids, mask, pv, do_sample=False)
+    assert torch.equal(eager, compiled)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert model.generation_config.cache_implementation == "static"

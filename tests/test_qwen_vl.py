@@ -129,8 +129,9 @@ def test_deepstack_is_added_before_the_route(name):
 
 
 def test_hf_compiled_generation_with_static_cache():
-    """transformers' compiled decode (compile_config + static cache), with M-RoPE positions continued from
-    ``rope_deltas``: the same tokens as eager, one graph for every decode step (fullgraph: no graph break)."""
+    """transformers' compiled decode (compile_config + static cache, set up on the model's generation_config as
+    the transformers docs do), with M-RoPE positions continued from ``rope_deltas``: the same tokens as eager,
+    one graph for every decode step (fullgraph: no graph break)."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
@@ -142,8 +143,9 @@ def test_hf_compiled_generation_with_static_cache():
     counters.clear()
     with torch.no_grad():
         eager = model.generate(**batch, max_new_tokens=6, do_sample=False)
-        compiled = model.generate(**batch, max_new_tokens=6, do_sample=False, cache_implementation="static",
-                                  compile_config=config)
+        model.generation_config.cache_implementation = "static"
+        model.generation_config.compile_config = config
+        compiled = model.generate(**batch, max_new_tokens=6, do_sample=False)
     assert torch.equal(eager, compiled)
     assert counters["stats"]["unique_graphs"] == 1
 

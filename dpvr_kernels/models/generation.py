@@ -41,12 +41,19 @@ def dpvr_generate(self, *args, **kwargs):
             "cache_implementation='static'"
         )
     if impl == "static" and cache is None:
+        # generate refuses a cache together with a cache_implementation, wherever it is named: the call, the
+        # generation_config passed, or the model's own (which generate merges into the one passed).
         kwargs.pop("cache_implementation", None)
-        if getattr(gen_cfg, "cache_implementation", None) is not None:  # generate refuses a cache and an impl
+        if getattr(gen_cfg, "cache_implementation", None) is not None:
             gen_cfg = copy.deepcopy(gen_cfg)
             gen_cfg.cache_implementation = None
             kwargs["generation_config"] = gen_cfg
         kwargs[CACHE_KW] = _static_cache_for(self, gen_cfg, args, kwargs)
+        own, self.generation_config.cache_implementation = self.generation_config.cache_implementation, None
+        try:
+            return type(self).generate(self, *args, **kwargs)
+        finally:
+            self.generation_config.cache_implementation = own
     return type(self).generate(self, *args, **kwargs)
 
 
