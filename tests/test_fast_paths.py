@@ -177,3 +177,33 @@ def test_compiled_generation_set_up_through_generation_config():
     assert torch.equal(eager, compiled)
     assert counters["stats"]["unique_graphs"] == 1
     assert model.generation_config.cache_implementation == "static"
+
+
+def test_compiled_generation_reuses_the_cache_without_recompiling():
+    """As stock: a later compiled static-cache call with fewer new tokens, or a shorter prompt, reuses the
+    previous (large enough) cache, so the compiled decode step is not re-made (on a GPU: its CUDA graphs stay);
+    a longer one allocates a new cache once. Every call gives eager's tokens."""
+    from torch._dynamo.utils import counters
+
+    model = dpvr_kernels.patch(tiny_llava(layers=4), route_layer=1)
+    config = CompileConfig(fullgraph=True, mode="default", dynamic=None)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    long_prompt = make_batch(PROMPTS, seed=6)
+    short_prompt = make_batch([["T", "I", "T"], ["T", "T", "I", "T", "T"], ["T", "T"]], seed=7)
+    torch._dynamo.reset()
+    counters.clear()
+    caches = []
+    for (ids, mask, pv), new in [(long_prompt, NEW), (long_prompt, NEW - 3), (short_prompt, NEW)]:
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, max_new_tokens=new, do_sample=False,
+                             cache_implementation="static", compile_config=config, return_dict_in_generate=True)
+        caches.append(getattr(out, CACHE_KW))
+        with torch.no_grad():
+            eager = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, max_new_tokens=new,
+                                   do_sample=False)
+        assert torch.equal(out.sequences, eager)
+    assert caches[0] is caches[1] is caches[2]
+    assert counters["stats"]["unique_graphs"] == 1  # no recompile for the shorter call or the shorter prompt
+    ids, mask, pv = long_prompt
+    longer = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, max_new_tokens=2 * NEW,
+                            do_sample=False, cache_implementation="static", return_dict_in_generate=True)
+    assert getattr(longer, CACHE_KW) is not caches[0]

@@ -57,6 +57,8 @@ class PatchState:
     user_attn: str
     varlen_config: object
     original_attn_configs: dict[int, object] = field(default_factory=dict)
+    static_cache: object | None = None
+    """The ``DPVRStaticCache`` of the last ``generate(cache_implementation="static")``, reused while it fits."""
     stock_copies: list[tuple[nn.Module, str, str]] = field(default_factory=list)
     """(module, parameter name, buffer name): frozen copies of stock weights that training changes (the fusion
     layers), which :func:`stock_forward` swaps in; see :func:`keep_stock_weights`."""

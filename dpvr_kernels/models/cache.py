@@ -36,6 +36,9 @@ class _DPVRCacheMixin:
     dpvr_deep_layer: int = 0
     dpvr_text_valid: Tensor | None = None
     dpvr_prefill_len: int = 0
+    dpvr_layout: Tensor | None = None
+    """int64 ``[2]`` on the device: the prompt's length ``L`` and text width ``W``. Decode steps over a static cache
+    read them as tensors, so a compiled step does not depend on (or recompile for) the prompt's lengths."""
 
     @property
     def dpvr_filled(self) -> bool:
@@ -89,7 +92,7 @@ class _DPVRCacheMixin:
 
     def reset(self) -> None:
         super().reset()
-        self.dpvr_text_valid, self.dpvr_prefill_len = None, 0
+        self.dpvr_text_valid, self.dpvr_prefill_len, self.dpvr_layout = None, 0, None
 
 
 class DPVRCache(_DPVRCacheMixin, DynamicCache):
@@ -170,8 +173,13 @@ class TextCacheWriter:
 
     def __init__(self, cache: DPVRCache, plan: RoutePlan):
         self.cache, self.batch_size, self.width = cache, plan.batch_size, plan.max_text_len
-        self.slots, cache.dpvr_text_valid = text_cache_layout(plan)
+        self.slots, valid = text_cache_layout(plan)
+        if isinstance(cache, DPVRStaticCache):  # validity over the layer's whole capacity: fixed shapes
+            capacity = cache.layers[cache.dpvr_deep_layer].max_cache_len
+            valid = torch.nn.functional.pad(valid, (0, capacity - valid.shape[1]))
+        cache.dpvr_text_valid = valid
         cache.dpvr_prefill_len = plan.seq_len
+        cache.dpvr_layout = torch.tensor([plan.seq_len, self.width], device=plan.device)
 
     def _pad(self, packed: Tensor) -> Tensor:
         out = packed.new_zeros(packed.shape[1], self.batch_size * self.width, packed.shape[-1])
@@ -217,7 +225,9 @@ def deep_decode_mask(cache, attention_mask: Tensor | None, q_len: int, batch: in
     layer = cache.layers[cache.dpvr_deep_layer]
     filled = layer.get_seq_length()  # W + tokens decoded before this step (an int, or a tensor if static)
     capacity = layer.get_max_length()
-    width = capacity if capacity > 0 else filled + q_len
+    if capacity > 0:
+        return _static_deep_decode_mask(cache, text_valid, filled, capacity, attention_mask, q_len, batch, device)
+    width = filled + q_len
     prompt_slots = text_valid.shape[1]
     new_slots = width - prompt_slots
     if attention_mask is not None and attention_mask.dim() == 2:
@@ -231,6 +241,23 @@ def deep_decode_mask(cache, attention_mask: Tensor | None, q_len: int, batch: in
     query = torch.arange(q_len, device=device)[:, None]
     causal = key <= filled + query  # the prompt's text is visible to every new token
     return (key_valid[:, None, None, :] & causal[None, None]).expand(batch, 1, q_len, width)
+
+
+def _static_deep_decode_mask(cache, text_valid: Tensor, filled, capacity: int, attention_mask: Tensor | None,
+                             q_len: int, batch: int, device: torch.device) -> Tensor:
+    """:func:`deep_decode_mask` over a static deep layer, with shapes fixed by its capacity and the prompt's
+    lengths read as tensors: one compiled decode step serves every prompt and ``max_new_tokens`` that fit."""
+    slot = torch.arange(capacity, device=device)
+    prefill_len, width = cache.dpvr_layout.to(device).unbind(0)
+    fed = slot >= width  # slots of tokens fed after the prompt
+    if attention_mask is not None and attention_mask.dim() == 2:
+        column = (prefill_len + slot - width).clamp(0, attention_mask.shape[1] - 1)
+        new_valid = attention_mask.bool().gather(1, column.expand(attention_mask.shape[0], -1)) & fed
+    else:
+        new_valid = fed.expand(batch, -1)
+    key_valid = text_valid.to(device) | new_valid  # [B, K]
+    causal = slot[None, :] <= filled + torch.arange(q_len, device=device)[:, None]
+    return (key_valid[:, None, None, :] & causal[None, None]).expand(batch, 1, q_len, capacity)
 
 
 def kv_cache_bytes(cache) -> int:

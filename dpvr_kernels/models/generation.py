@@ -69,11 +69,10 @@ def masks_for_generate(self, attention_mask=None, cache=None, **kwargs):
     return torch.nn.functional.pad(attention_mask, (0, capacity - attention_mask.shape[1]))
 
 
-def text_static_cache(model: nn.Module, prompt: Tensor, attention_mask: Tensor | None, fed: int,
-                      vision_inputs: dict) -> DPVRStaticCache:
-    """A static cache for ``prompt`` (``input_ids`` or ``inputs_embeds``) and ``fed`` tokens fed after it: every
-    token for the layers that hold every token, the longest text stream + ``fed`` for the deep layers (one host
-    sync). Vision tokens are those of the inputs ``vision_inputs`` carries (e.g. ``pixel_values``)."""
+def _static_cache_sizes(model: nn.Module, prompt: Tensor, attention_mask: Tensor | None, fed: int,
+                        vision_inputs: dict) -> tuple[int, int]:
+    """``(capacity of the layers that hold every token, capacity of the deep layers)`` for ``prompt`` and ``fed``
+    tokens fed after it (one host sync)."""
     state: PatchState = patch_state(model)
     batch, length = prompt.shape[:2]
     text = (torch.ones(batch, length, dtype=torch.bool, device=prompt.device) if attention_mask is None
@@ -81,14 +80,34 @@ def text_static_cache(model: nn.Module, prompt: Tensor, attention_mask: Tensor |
     carried = classes.carried_inputs(state.model_class, vision_inputs)
     if carried and not prompt.is_floating_point():  # ids (embeddings carry no ids: every slot counts as text)
         text = text & ~classes.vision_mask(model.model, carried, prompt, None)
-    longest_text = int(text.sum(1).max())
-    return DPVRStaticCache(config=model.config, max_cache_len=length + fed, text_cache_len=longest_text + fed,
+    return length + fed, int(text.sum(1).max()) + fed
+
+
+def text_static_cache(model: nn.Module, prompt: Tensor, attention_mask: Tensor | None, fed: int,
+                      vision_inputs: dict) -> DPVRStaticCache:
+    """A static cache for ``prompt`` (``input_ids`` or ``inputs_embeds``) and ``fed`` tokens fed after it: every
+    token for the layers that hold every token, the longest text stream + ``fed`` for the deep layers (one host
+    sync). Vision tokens are those of the inputs ``vision_inputs`` carries (e.g. ``pixel_values``)."""
+    state: PatchState = patch_state(model)
+    full, text = _static_cache_sizes(model, prompt, attention_mask, fed, vision_inputs)
+    return DPVRStaticCache(config=model.config, max_cache_len=full, text_cache_len=text,
                            route_layer=state.settings.route_layer, fusion_layers=state.settings.fusion_layers)
+
+
+def _reusable(cache: DPVRStaticCache, batch: int, full: int, text: int, param: Tensor) -> bool:
+    """Whether ``generate``'s previous static cache can serve this call (as stock reuses its own): the same batch,
+    dtype and device, and room for at least this prompt and these new tokens in both kinds of layer."""
+    full_layer, deep_layer = cache.layers[cache.dpvr_full_layer], cache.layers[cache.dpvr_deep_layer]
+    if full_layer.max_cache_len < full or deep_layer.max_cache_len < text:
+        return False
+    keys = getattr(full_layer, "keys", None)
+    return keys is None or (keys.shape[0] == batch and keys.dtype == param.dtype and keys.device == param.device)
 
 
 def _static_cache_for(model: nn.Module, gen_cfg, args: tuple, kwargs: dict) -> DPVRStaticCache:
     """The static cache of one generate call, sized as stock sizes it: prompt + new tokens - 1 (the last new
-    token is never fed back), the deep layers for text only."""
+    token is never fed back), the deep layers for text only. A previous call's cache that is large enough is
+    reset and reused, as stock does: the compiled decode step (and its CUDA graphs) stays valid."""
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     if prompt is None:
@@ -96,4 +115,13 @@ def _static_cache_for(model: nn.Module, gen_cfg, args: tuple, kwargs: dict) -> D
     max_new = kwargs.get("max_new_tokens", getattr(gen_cfg, "max_new_tokens", None))
     if max_new is None:
         max_new = kwargs.get("max_length", gen_cfg.max_length) - prompt.shape[1]
-    return text_static_cache(model, prompt, kwargs.get("attention_mask"), max_new - 1, kwargs)
+    state: PatchState = patch_state(model)
+    full, text = _static_cache_sizes(model, prompt, kwargs.get("attention_mask"), max_new - 1, kwargs)
+    cache = state.static_cache
+    if cache is not None and _reusable(cache, prompt.shape[0], full, text, next(model.parameters())):
+        cache.reset()
+        return cache
+    state.static_cache = DPVRStaticCache(config=model.config, max_cache_len=full, text_cache_len=text,
+                                         route_layer=state.settings.route_layer,
+                                         fusion_layers=state.settings.fusion_layers)
+    return state.static_cache
