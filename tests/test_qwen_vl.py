@@ -211,3 +211,30 @@ def test_cost_model_prices_the_decoder(name):
     with torch.no_grad():
         out = model(**batch, use_cache=True)
     assert dpvr_kernels.kv_cache_bytes(getattr(out, CACHE_KW)) == report.kv_bytes_dpvr < report.kv_bytes_stock
+
+
+def test_compiled_generation_reuses_the_cache_without_recompiling():
+    """Qwen2.5-VL: a later compiled static-cache call with fewer new tokens, or a shorter prompt, reuses the cache
+    and the compiled decode step (M-RoPE decode positions come from ``rope_deltas``, tensors): eager's tokens."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from dpvr_kernels.models.backbone import CACHE_KW
+
+    model = dpvr_kernels.patch(tiny_qwen("qwen2_5_vl", seed=22), route_layer=2)
+    config = CompileConfig(fullgraph=True, mode="default", dynamic=None)
+    config._compile_all_devices = True
+    long_prompt = qwen_batch(model, LAYOUTS, seed=23)
+    short_prompt = qwen_batch(model, [["T", "I", "T"], ["T", "V", "T"], ["T", "T"], ["T", "I", "V"]], seed=24)
+    torch._dynamo.reset()
+    counters.clear()
+    caches = []
+    for batch, new in [(long_prompt, 6), (long_prompt, 3), (short_prompt, 6)]:
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=new, do_sample=False, cache_implementation="static",
+                                 compile_config=config, return_dict_in_generate=True)
+            eager = model.generate(**batch, max_new_tokens=new, do_sample=False)
+        assert torch.equal(out.sequences, eager)
+        caches.append(getattr(out, CACHE_KW))
+    assert caches[0] is caches[1] is caches[2]
+    assert counters["stats"]["unique_graphs"] == 1
