@@ -9,9 +9,9 @@ builds for the text-only cache.
 
 Sliding-window layers (the stock attention modules pass ``sliding_window``) keep the window over the tokens'
 original positions (docs/CONTRACT.md rule 6): a key is visible when ``position(q) - position(k) < window``.
-Where no two tokens of the batch are that far apart (``position_span < window``) it is plain causal attention; where they
-are, each segment gets an explicit mask by position (the text stream has gaps where the image tokens were, so a
-window over packed indices would be wrong).
+Where no two tokens of the batch are that far apart (``position_span < window``) it is plain causal attention;
+where they are, each segment gets an explicit mask by position (the text stream has gaps where the image tokens
+were, so a window over packed indices would be wrong).
 """
 
 from __future__ import annotations

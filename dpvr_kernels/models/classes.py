@@ -2,10 +2,11 @@
 
 Every class here has the same layout (``model.model.<decoder>`` is a Llama-style decoder with rotary embeddings,
 ``model.model.forward`` embeds the vision features in place of the placeholder tokens), so the patch is the same
-for all; a row says where the decoder is and which placeholder ids a call routes to the side branch, and when. A placeholder
-is a vision token only in a call that carries its features (the pixel keyword, or the encoder outputs that
-``generate`` computes up front), as stock embeds it; elsewhere (every decode step) it is an ordinary token.
-Adding a model class is adding a row.
+for all; a row says where the decoder is, how it takes positions, and which placeholder ids a call routes to the
+side branch, and when. A placeholder is a vision token only in a call that carries its features (the pixel
+keyword, or the encoder outputs that ``generate`` computes up front), as stock embeds it; elsewhere (every
+decode step) it is an ordinary token. Classes whose attention breaks an assumption of DPVR-LF are refused by
+name, with the reason (``REFUSED``). Adding a model class is adding a row.
 """
 
 from __future__ import annotations

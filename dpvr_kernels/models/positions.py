@@ -3,8 +3,8 @@
 
 - ``"rope"``: 1-D positions ``[B|1, L]`` (Llama, Mistral, Qwen2 decoders). The stock decoder hands the same
   tensor to its rotary embedding, its masks and its layers.
-- ``"mrope"``: multimodal RoPE (Qwen2-VL, Qwen2.5-VL, GLM-4V): ``[3, B, L]`` rows (temporal, height, width) from the
-  model's own ``get_rope_index``, which the multimodal wrapper computes (and continues from ``rope_deltas`` in
+- ``"mrope"``: multimodal RoPE (Qwen2-VL, Qwen2.5-VL, GLM-4V): ``[3, B, L]`` rows (temporal, height, width) from
+  the model's own ``get_rope_index``, which the multimodal wrapper computes (and continues from ``rope_deltas`` in
   decode steps). A text token has ``t = h = w``; a vision token its grid cell. A ``[4, B, L]`` input carries 1-D
   text positions first, which the stock masks read (packed rows); ``[3, B, L]`` inputs give the masks none.
 - ``"mrope_text"``: the same rows (interleaved or not: the decoder's rotary embedding knows), from a decoder
@@ -24,7 +24,17 @@ MROPE = "mrope"
 MROPE_TEXT = "mrope_text"
 SCHEMES = (ROPE, MROPE, MROPE_TEXT)
 
-__all__ = ["MROPE", "MROPE_TEXT", "ROPE", "SCHEMES", "CallPositions", "call_positions", "order_row", "rope_input", "stream_layer_positions"]
+__all__ = [
+    "MROPE",
+    "MROPE_TEXT",
+    "ROPE",
+    "SCHEMES",
+    "CallPositions",
+    "call_positions",
+    "order_row",
+    "rope_input",
+    "stream_layer_positions",
+]
 
 
 @dataclass(frozen=True)
