@@ -13,6 +13,8 @@ from transformers import (
     CLIPVisionConfig,
     DeepseekVLConfig,
     DeepseekVLForConditionalGeneration,
+    DeepseekVLHybridConfig,
+    DeepseekVLHybridForConditionalGeneration,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     InternVLConfig,
@@ -43,7 +45,7 @@ from transformers import (
 
 IMAGE, VIDEO = 120, 121
 FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "vipllava", "internvl", "mistral3", "smolvlm",
-            "idefics3", "deepseek_vl", "janus", "ovis2")
+            "idefics3", "deepseek_vl", "deepseek_vl_hybrid", "janus", "ovis2")
 #: Ovis2's visual indicator tokens (stock embeds them from the visual tokenizer's table): text tokens here.
 OVIS2_INDICATORS = [100, 101, 102, 103, 104]
 # Images batched per sample ([B, max images, C, H, W], zero images pad), the decoder at model.model.text_model.
@@ -124,6 +126,14 @@ def tiny_family(name: str, seed: int = 0, layers: int = 6, text=None, attn: str 
                            else (JanusConfig, JanusForConditionalGeneration))
         cfg = config_cls(vision_config=vision, text_config=(text or text_config(layers=layers)).to_dict(),
                          image_token_id=IMAGE)
+    elif name == "deepseek_vl_hybrid":  # a SigLIP tower and a SAM tower on a 2x larger copy of each image
+        vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                      patch_size=14)
+        high_res = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=112,
+                        patch_size=16, global_attn_indexes=[1], mlp_dim=48, window_size=4)
+        cfg = DeepseekVLHybridConfig(vision_config=vision, high_res_vision_config=high_res,
+                                     text_config=(text or text_config(layers=layers)).to_dict(), image_token_id=IMAGE)
+        cls = DeepseekVLHybridForConditionalGeneration
     elif name == "ovis2":
         vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=56,
                       patch_size=14, vocab_size=64)
@@ -168,6 +178,13 @@ def vision_inputs(model, n_images: int, n_videos: int, seed: int = 0) -> tuple[d
         inputs["image_sizes"] = torch.tensor([[(56, 56), (28, 56), (56, 28)][i % 3] for i in range(n_images)])
         with torch.no_grad():
             out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], return_dict=True)
+        return inputs, _count(out.pooler_output), []
+    if name.startswith("DeepseekVLHybrid"):
+        inputs["pixel_values"] = torch.randn(n_images, 3, 56, 56, generator=g)
+        inputs["high_res_pixel_values"] = torch.randn(n_images, 3, 112, 112, generator=g)
+        with torch.no_grad():
+            out = model.model.get_image_features(inputs["pixel_values"], inputs["high_res_pixel_values"],
+                                                 return_dict=True)
         return inputs, _count(out.pooler_output), []
     if name.startswith(("SmolVLM", "Idefics3")):
         inputs["pixel_values"] = torch.randn(n_images, 3, 56, 56, generator=g)  # regrouped per sample in family_batch

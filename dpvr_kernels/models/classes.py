@@ -66,6 +66,7 @@ SUPPORTED: dict[str, ModelClass] = {
         ModelClass("SmolVLMForConditionalGeneration", "smolvlm", "SmolLM2 (Llama)", (IMAGE,), decoder="text_model"),
         ModelClass("Idefics3ForConditionalGeneration", "idefics3", "Llama 3", (IMAGE,), decoder="text_model"),
         ModelClass("DeepseekVLForConditionalGeneration", "deepseek_vl", "DeepSeek-LLM (Llama)", (IMAGE,)),
+        ModelClass("DeepseekVLHybridForConditionalGeneration", "deepseek_vl_hybrid", "DeepSeek-LLM (Llama)", (IMAGE,)),
         ModelClass("JanusForConditionalGeneration", "janus", "DeepSeek-LLM (Llama); understanding", (IMAGE,)),
         ModelClass("Ovis2ForConditionalGeneration", "ovis2", "Qwen2.5, Qwen3", (IMAGE,)),
         ModelClass("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2", (IMAGE, VIDEO), positions="mrope"),
