@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from transformers import Trainer
 
 from .conversations import DataError, Example, collate, encode, image_names, load_records, read_images
-from .models.backbone import SIDE_BRANCH, language_model, side_branch
-from .models.patching import is_patched, keep_stock_weights, patch, stock_forward
+from .models.backbone import SIDE_BRANCH, side_branch
+from .models.patching import is_patched, keep_stock_fusion_layers, patch, stock_forward
 from .training import answer_kl, mark_trainable
 
 __all__ = [
@@ -255,8 +255,7 @@ def load_side_branch(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if any(not k.startswith(_side_branch_prefix(model)) for k in state):
         # The fusion layers trained too: keep the base's, so stock_forward (eval's stock row, a further
         # distillation's teacher) is still the base model.
-        lm = language_model(model)
-        keep_stock_weights(model, list(lm.layers[len(lm.layers) - int(dpvr["fusion_layers"]):]))
+        keep_stock_fusion_layers(model)
     model.load_state_dict(state, strict=False)
     return model
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models.backbone import SIDE_BRANCH, language_model
-from .models.patching import is_patched, keep_stock_weights, stock_forward
+from .models.patching import is_patched, keep_stock_fusion_layers, stock_forward
 
 __all__ = [
     "TrainableSummary",
@@ -74,7 +74,7 @@ def mark_trainable(model: nn.Module, side_branch: bool = True, fusion_layers: bo
         side_branch: train ``model.model.language_model.dpvr_side_branch``.
         fusion_layers: also train the last ``config.dpvr["fusion_layers"]`` decoder layers. Their original
             weights are kept first (a frozen copy, one decoder layer each; :func:`~dpvr_kernels.models.patching.
-            keep_stock_weights`), so the stock forward, the distillation teacher, stays the original model.
+            keep_stock_fusion_layers`), so the stock forward, the distillation teacher, stays the original model.
 
     Returns:
         A :class:`TrainableSummary`; ``print()`` it for a readable report.
@@ -94,9 +94,8 @@ def mark_trainable(model: nn.Module, side_branch: bool = True, fusion_layers: bo
         chosen.append(getattr(lm, SIDE_BRANCH))
     if fusion_layers:
         f = int(model.config.dpvr["fusion_layers"])
-        fusion = list(lm.layers[len(lm.layers) - f :])
-        keep_stock_weights(model, fusion)
-        chosen += fusion
+        keep_stock_fusion_layers(model)
+        chosen += list(lm.layers[len(lm.layers) - f :])
 
     for p in model.parameters():
         p.requires_grad_(False)

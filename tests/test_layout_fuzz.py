@@ -10,8 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_generation import reference_loop
-from test_patch import rel_err
-from tiny import make_batch, tiny_llava
+from tiny import make_batch, rel_err, tiny_llava
 
 import dpvr_kernels
 from dpvr_kernels.reference import reference_forward

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from families import FAMILIES, IMAGE, VIDEO, WITH_VIDEO, family_batch, tiny_family
-from tiny import check_save_load_round_trip
+from tiny import check_save_load_round_trip, rel_err
 
 import dpvr_kernels
 from dpvr_kernels.reference import reference_forward
@@ -20,11 +20,6 @@ VIDEO_LAYOUTS = [["T", "V", "T", "T"], ["T", "I", "T", "V", "T"], ["T", "T", "I"
 
 def _layouts(name: str) -> list[list[str]]:
     return VIDEO_LAYOUTS if name in WITH_VIDEO else LAYOUTS
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
-    keep = mask.bool()
-    return ((out[keep] - ref[keep]).abs().max() / ref[keep].abs().max()).item()
 
 
 def _vision_kwargs(batch: dict) -> dict:
@@ -45,11 +40,11 @@ def test_logits_equal_reference(name, left_pad):
     with torch.no_grad():
         logits = model(**batch, use_cache=False).logits
     ref = _reference(model, batch)
-    assert _rel_err(logits, ref, batch["attention_mask"]) < 1e-5
+    assert rel_err(logits, ref, batch["attention_mask"]) < 1e-5
     # DPVR-LF is not stock: the reference differs from the unpatched model (the check has teeth)
     with torch.no_grad():
         stock = dpvr_kernels.unpatch(model)(**batch, use_cache=False).logits
-    assert _rel_err(stock, ref, batch["attention_mask"]) > 1e-3
+    assert rel_err(stock, ref, batch["attention_mask"]) > 1e-3
 
 
 def _reference_loop(model, batch: dict, steps: int) -> torch.Tensor:
@@ -97,7 +92,7 @@ def test_video_tokens_go_to_the_side_branch(name):
     changed = (before - after).abs().amax(-1)
     assert changed[0].max() > 1e-4  # the video sample
     assert changed[1].max() == 0  # a text-only sample never meets the side branch
-    assert _rel_err(after, _reference(model, batch), batch["attention_mask"]) < 1e-5
+    assert rel_err(after, _reference(model, batch), batch["attention_mask"]) < 1e-5
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -146,7 +141,7 @@ def test_positional_video_pixels_are_routed(name):
         ref = reference_forward(model, batch["input_ids"], attention_mask=batch["attention_mask"], hidden_only=True,
                                 pixel_values_videos=batch["pixel_values_videos"])
     assert torch.equal(by_position, by_name)
-    assert _rel_err(by_name, ref, batch["attention_mask"]) < 1e-5
+    assert rel_err(by_name, ref, batch["attention_mask"]) < 1e-5
 
 
 def test_mistral3_break_tokens_stay_text():
@@ -168,7 +163,7 @@ def test_mistral3_break_tokens_stay_text():
     batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **inputs}
     with torch.no_grad():
         logits = model(**batch, use_cache=False).logits
-    assert _rel_err(logits, _reference(model, batch), batch["attention_mask"]) < 1e-5
+    assert rel_err(logits, _reference(model, batch), batch["attention_mask"]) < 1e-5
     vision = batch["input_ids"] == IMAGE
     assert vision.sum() == sum(per_image) and ((batch["input_ids"] == brk) | (batch["input_ids"] == end)).sum() >= 2
 
@@ -196,7 +191,7 @@ def test_ovis2_indicator_tokens_are_text():
             handle.remove()
     marker = (ids == start) | (ids == end)
     assert not torch.allclose(captured["embeds"][marker], plain[marker])  # stock gives them visual embeddings
-    assert _rel_err(logits, _reference(model, batch), batch["attention_mask"]) < 1e-5
+    assert rel_err(logits, _reference(model, batch), batch["attention_mask"]) < 1e-5
 
 
 @pytest.mark.parametrize("name", FAMILIES)

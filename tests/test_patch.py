@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, make_batch, tiny_llava
+from tiny import IMAGE_TOKEN, make_batch, rel_err, tiny_llava
 from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
 
 import dpvr_kernels
@@ -20,11 +20,6 @@ LAYOUTS = {
     "sample_without_image": [["T", "T", "T", "T", "T"], ["T", "I", "T", "T"]],
     "no_text_after_image": [["T", "T", "I"], ["I"], ["T", "I", "T"]],
 }
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
-    valid = mask.bool()
-    return ((out.float() - ref.float())[valid].abs().max() / ref.float()[valid].abs().max()).item()
 
 
 def run_both(model, layout, left_pad=True, explicit_positions=True, seed=0, **patch_kw):

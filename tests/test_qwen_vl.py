@@ -10,15 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 from qwen_models import CLASSES, DEEPSTACK, IMAGE, LAYOUTS, QWEN3, VIDEO, layouts, qwen_batch, tiny_qwen
-from tiny import check_save_load_round_trip
+from tiny import check_save_load_round_trip, rel_err
 
 import dpvr_kernels
 from dpvr_kernels.reference import reference_forward
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
-    keep = mask.bool()
-    return ((out[keep] - ref[keep]).abs().max() / ref[keep].abs().max()).item()
 
 
 def _model_kwargs(batch: dict) -> dict:
@@ -38,13 +33,13 @@ def test_logits_equal_reference(name, video, left_pad):
     with torch.no_grad():
         logits = model(**batch, use_cache=False).logits
     ref = _reference(model, batch)
-    assert _rel_err(logits, ref, batch["attention_mask"]) < 1e-5
+    assert rel_err(logits, ref, batch["attention_mask"]) < 1e-5
     # The check has teeth: 1-D positions (what a LLaVA decoder would get) give other logits, and so does stock.
     one_d = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    assert _rel_err(_reference(model, batch, position_ids=one_d), ref, batch["attention_mask"]) > 1e-3
+    assert rel_err(_reference(model, batch, position_ids=one_d), ref, batch["attention_mask"]) > 1e-3
     with torch.no_grad():
         stock = dpvr_kernels.unpatch(model)(**batch, use_cache=False).logits
-    assert _rel_err(stock, ref, batch["attention_mask"]) > 1e-3
+    assert rel_err(stock, ref, batch["attention_mask"]) > 1e-3
 
 
 def _reference_loop(model, batch: dict, steps: int) -> torch.Tensor:

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_generation import reference_loop
-from test_patch import rel_err
-from tiny import IMAGE_TOKEN, make_batch, tiny_llava
+from tiny import IMAGE_TOKEN, make_batch, rel_err, tiny_llava
 
 import dpvr_kernels
 from dpvr_kernels.models.backbone import CACHE_KW

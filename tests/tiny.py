@@ -42,6 +42,12 @@ def tiny_llava(backbone: str = "llama", layers: int = 6, kv_heads: int = 2, attn
     return model.to(dtype).eval()
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
+    """Max abs difference over the valid (mask 1) positions, relative to the reference's max abs value there."""
+    valid = mask.bool()
+    return ((out.float() - ref.float())[valid].abs().max() / ref.float()[valid].abs().max()).item()
+
+
 def pad_rows(rows: list[list[int]], left_pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows padded (id 0) to one length: ``input_ids`` and ``attention_mask`` ``[B, L]``."""
     length = max(len(r) for r in rows)

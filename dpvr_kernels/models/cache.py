@@ -37,7 +37,7 @@ class _DPVRCacheMixin:
     dpvr_text_valid: Tensor | None = None
     dpvr_prefill_len: int = 0
     dpvr_layout: Tensor | None = None
-    """int64 ``[2]`` on the device: the prompt's length ``L`` and text width ``W``. Decode steps over a static cache
+    """int64 ``[2]`` on the device (static caches): the prompt's length ``L`` and text width ``W``. Decode steps
     read them as tensors, so a compiled step does not depend on (or recompile for) the prompt's lengths."""
 
     @property
@@ -177,9 +177,9 @@ class TextCacheWriter:
         if isinstance(cache, DPVRStaticCache):  # validity over the layer's whole capacity: fixed shapes
             capacity = cache.layers[cache.dpvr_deep_layer].max_cache_len
             valid = torch.nn.functional.pad(valid, (0, capacity - valid.shape[1]))
+            cache.dpvr_layout = torch.tensor([plan.seq_len, self.width], device=plan.device)
         cache.dpvr_text_valid = valid
         cache.dpvr_prefill_len = plan.seq_len
-        cache.dpvr_layout = torch.tensor([plan.seq_len, self.width], device=plan.device)
 
     def _pad(self, packed: Tensor) -> Tensor:
         out = packed.new_zeros(packed.shape[1], self.batch_size * self.width, packed.shape[-1])

@@ -184,14 +184,14 @@ def dpvr_language_forward(
     masks = _full_masks(self, inputs_embeds, attention_mask, cache, pos.stock)
     pe = self.rotary_emb(inputs_embeds, pos.rope)
     common = dict(position_embeddings=pe, position_ids=pos.stock, use_cache=use_cache, **kwargs)
+    if deepstack is not None and len(deepstack) > r:
+        raise ValueError(f"{len(deepstack)} deepstack injections reach layer {r}, the route layer: patch with "
+                         f"route_layer >= {len(deepstack)}")
     hidden = inputs_embeds
     for i in range(r):
         hidden = layer_call(self.layers[i], hidden, cache, attention_mask=masks[state.layer_types[i]], **common)
         if deepstack is not None and i < len(deepstack):
             hidden = add_deepstack(hidden, deepstack_mask, deepstack[i])
-    if deepstack is not None and len(deepstack) > r:
-        raise ValueError(f"{len(deepstack)} deepstack injections reach layer {r}, the route layer: patch with "
-                         f"route_layer >= {len(deepstack)}")
 
     if prefill:
         if vision_mask is None:

@@ -88,10 +88,13 @@ def text_static_cache(model: nn.Module, prompt: Tensor, attention_mask: Tensor |
     """A static cache for ``prompt`` (``input_ids`` or ``inputs_embeds``) and ``fed`` tokens fed after it: every
     token for the layers that hold every token, the longest text stream + ``fed`` for the deep layers (one host
     sync). Vision tokens are those of the inputs ``vision_inputs`` carries (e.g. ``pixel_values``)."""
-    state: PatchState = patch_state(model)
-    full, text = _static_cache_sizes(model, prompt, attention_mask, fed, vision_inputs)
+    return _new_static_cache(model, *_static_cache_sizes(model, prompt, attention_mask, fed, vision_inputs))
+
+
+def _new_static_cache(model: nn.Module, full: int, text: int) -> DPVRStaticCache:
+    settings = patch_state(model).settings
     return DPVRStaticCache(config=model.config, max_cache_len=full, text_cache_len=text,
-                           route_layer=state.settings.route_layer, fusion_layers=state.settings.fusion_layers)
+                           route_layer=settings.route_layer, fusion_layers=settings.fusion_layers)
 
 
 def _reusable(cache: DPVRStaticCache, batch: int, full: int, text: int, param: Tensor) -> bool:
@@ -121,7 +124,5 @@ def _static_cache_for(model: nn.Module, gen_cfg, args: tuple, kwargs: dict) -> D
     if cache is not None and _reusable(cache, prompt.shape[0], full, text, next(model.parameters())):
         cache.reset()
         return cache
-    state.static_cache = DPVRStaticCache(config=model.config, max_cache_len=full, text_cache_len=text,
-                                         route_layer=state.settings.route_layer,
-                                         fusion_layers=state.settings.fusion_layers)
+    state.static_cache = _new_static_cache(model, full, text)
     return state.static_cache

@@ -30,7 +30,7 @@ from .checkpoint import load_saved_side_branch
 from .forward import dpvr_language_forward, vision_wrapper_forward
 from .generation import dpvr_generate, masks_for_generate
 
-__all__ = ["is_patched", "keep_stock_weights", "patch", "stock_attention", "stock_forward", "unpatch"]
+__all__ = ["is_patched", "keep_stock_fusion_layers", "keep_stock_weights", "patch", "stock_attention", "stock_forward", "unpatch"]
 
 
 def patch(model: nn.Module, route_layer: int | None = None, fusion_layers: int = 1, backend: str = "auto") -> nn.Module:
@@ -182,6 +182,16 @@ def keep_stock_weights(model: nn.Module, modules: list[nn.Module]) -> int:
             state.stock_copies.append((module, name, buffer))
             count += param.numel()
     return count
+
+
+def keep_stock_fusion_layers(model: nn.Module) -> int:
+    """:func:`keep_stock_weights` of the fusion layers ``[N - f, N)``: call it before they train or load trained
+    weights, so :func:`stock_forward` stays the original model. Returns the number of elements kept."""
+    lm = language_model(model)
+    state: PatchState | None = getattr(lm, "_dpvr_state", None)
+    if state is None:
+        raise ValueError("keep_stock_fusion_layers needs a patched model: dpvr_kernels.patch(model) first")
+    return keep_stock_weights(model, list(lm.layers[len(lm.layers) - state.settings.fusion_layers :]))
 
 
 @contextlib.contextmanager
