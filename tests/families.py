@@ -15,6 +15,8 @@ from transformers import (
     DeepseekVLForConditionalGeneration,
     DeepseekVLHybridConfig,
     DeepseekVLHybridForConditionalGeneration,
+    FastVlmConfig,
+    FastVlmForConditionalGeneration,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     InternVLConfig,
@@ -35,6 +37,8 @@ from transformers import (
     MistralConfig,
     Ovis2Config,
     Ovis2ForConditionalGeneration,
+    PerceptionLMConfig,
+    PerceptionLMForConditionalGeneration,
     Qwen2Config,
     SiglipVisionConfig,
     SmolVLMConfig,
@@ -45,12 +49,12 @@ from transformers import (
 
 IMAGE, VIDEO = 120, 121
 FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "vipllava", "internvl", "mistral3", "smolvlm",
-            "idefics3", "deepseek_vl", "deepseek_vl_hybrid", "janus", "ovis2")
+            "idefics3", "deepseek_vl", "deepseek_vl_hybrid", "janus", "ovis2", "fast_vlm", "perception_lm")
 #: Ovis2's visual indicator tokens (stock embeds them from the visual tokenizer's table): text tokens here.
 OVIS2_INDICATORS = [100, 101, 102, 103, 104]
 # Images batched per sample ([B, max images, C, H, W], zero images pad), the decoder at model.model.text_model.
 PER_SAMPLE_IMAGES = ("smolvlm", "idefics3")
-WITH_VIDEO = ("llava_next_video", "llava_onevision")
+WITH_VIDEO = ("llava_next_video", "llava_onevision", "perception_lm")
 _PINPOINTS = [[28, 56], [56, 28], [56, 56]]
 _MAX_TILES = 5  # the base tile + a 2 x 2 grid
 _FRAMES = 2
@@ -140,6 +144,18 @@ def tiny_family(name: str, seed: int = 0, layers: int = 6, text=None, attn: str 
         cfg = Ovis2Config(vision_config=vision, text_config=(text or text_config("qwen2", layers=layers)).to_dict(),
                           image_token_id=IMAGE, visual_indicator_token_ids=OVIS2_INDICATORS, hidden_size=64)
         cls = Ovis2ForConditionalGeneration
+    elif name == "fast_vlm":  # stock's tower is timm's FastViT (timm is not installed): any [B, C, h, w] backbone
+        vision = dict(model_type="convnext", hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], hidden_size=32)
+        cfg = FastVlmConfig(vision_config=vision, text_config=(text or text_config("qwen2", layers=layers)).to_dict(),
+                            image_token_id=IMAGE)
+        cls = FastVlmForConditionalGeneration
+    elif name == "perception_lm":  # stock's tower is timm's PE ViT (timm is not installed): a CLIP ViT with a CLS
+        vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=2, image_size=56, patch_size=14, model_args={"embed_dim": 32})
+        cfg = PerceptionLMConfig(vision_config=vision, text_config=(text or text_config(layers=layers)).to_dict(),
+                                 image_token_id=IMAGE, video_token_id=VIDEO, vision_use_cls_token=True,
+                                 projector_pooling_ratio=2)
+        cls = PerceptionLMForConditionalGeneration
     elif name in PER_SAMPLE_IMAGES:
         vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=56,
                       patch_size=14)
@@ -149,7 +165,8 @@ def tiny_family(name: str, seed: int = 0, layers: int = 6, text=None, attn: str 
                          image_token_id=IMAGE, scale_factor=2)
     else:
         raise ValueError(f"unknown family {name!r}; one of {FAMILIES}")
-    cfg._attn_implementation = attn
+    # ConvNeXt (FastVLM's stand-in tower) has no attention to choose
+    cfg._attn_implementation = {"": attn, "text_config": attn, "vision_config": "eager"} if name == "fast_vlm" else attn
     model = cls(cfg).eval()
     # A random model may emit a placeholder id, which DPVR-LF refuses in a decode step (a trained one never does).
     model.generation_config.suppress_tokens = [IMAGE, VIDEO]
@@ -171,6 +188,8 @@ def vision_inputs(model, n_images: int, n_videos: int, seed: int = 0) -> tuple[d
     name = type(model).__name__
     anyres = name.startswith(("LlavaNext", "LlavaOnevision"))
     inputs: dict = {}
+    per_image: list[int] = []
+    per_video: list[int] = []
     if not n_images and not n_videos:
         return inputs, [], []
     if name.startswith("Mistral3"):  # Pixtral: any size; one patch grid per image
@@ -186,12 +205,19 @@ def vision_inputs(model, n_images: int, n_videos: int, seed: int = 0) -> tuple[d
             out = model.model.get_image_features(inputs["pixel_values"], inputs["high_res_pixel_values"],
                                                  return_dict=True)
         return inputs, _count(out.pooler_output), []
+    if name.startswith("PerceptionLM"):  # [n, tiles or frames, C, H, W]: one tile per image, _FRAMES per video
+        with torch.no_grad():
+            for kind, key, n, per in (("image", "pixel_values", n_images, 1), ("video", "pixel_values_videos", n_videos,
+                                                                                 _FRAMES)):
+                if n:
+                    inputs[key] = torch.randn(n, per, 3, 56, 56, generator=g)
+                    out = model.model.get_image_features(inputs[key], return_dict=True)
+                    (per_image if kind == "image" else per_video).extend([out.pooler_output.shape[1] * per] * n)
+        return inputs, per_image, per_video
     if name.startswith(("SmolVLM", "Idefics3")):
         inputs["pixel_values"] = torch.randn(n_images, 3, 56, 56, generator=g)  # regrouped per sample in family_batch
         return inputs, [(56 // 14) ** 2 // model.config.scale_factor**2] * n_images, []
-    per_image: list[int] = []
-    per_video: list[int] = []
-    side = 56 if name.startswith(("InternVL", "DeepseekVL", "Janus", "Ovis2")) else 28
+    side = 64 if name.startswith("FastVlm") else 56 if name.startswith(("InternVL", "DeepseekVL", "Janus", "Ovis2")) else 28
     with torch.no_grad():
         if n_images:
             if anyres:

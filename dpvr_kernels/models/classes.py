@@ -69,6 +69,8 @@ SUPPORTED: dict[str, ModelClass] = {
         ModelClass("DeepseekVLHybridForConditionalGeneration", "deepseek_vl_hybrid", "DeepSeek-LLM (Llama)", (IMAGE,)),
         ModelClass("JanusForConditionalGeneration", "janus", "DeepSeek-LLM (Llama); understanding", (IMAGE,)),
         ModelClass("Ovis2ForConditionalGeneration", "ovis2", "Qwen2.5, Qwen3", (IMAGE,)),
+        ModelClass("FastVlmForConditionalGeneration", "fast_vlm", "Qwen2", (IMAGE,)),
+        ModelClass("PerceptionLMForConditionalGeneration", "perception_lm", "Llama 3", (IMAGE, VIDEO)),
         ModelClass("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2", (IMAGE, VIDEO), positions="mrope"),
         ModelClass("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "Qwen2.5", (IMAGE, VIDEO), positions="mrope"),
         ModelClass("Qwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3", (IMAGE, VIDEO), positions="mrope_text",
