@@ -28,16 +28,20 @@ def _mask_additive(positions: Tensor, window: int | None, dtype: torch.dtype) ->
     return mask[None, None]
 
 
-def _run(layers, windows, lm, hidden: Tensor, positions: Tensor) -> Tensor:
+def _run(layers, windows, lm, hidden: Tensor, positions: Tensor, states: list | None = None) -> Tensor:
     """Layers on one segment ``[1, n, D]`` at the given original positions (``[n]``, or ``[3, n]`` M-RoPE rows;
-    ``windows``: each layer's window)."""
+    ``windows``: each layer's window). ``states`` gets each layer's output."""
     if hidden.shape[1] == 0:
+        if states is not None:
+            states.extend(hidden for _ in layers)
         return hidden
     pe = lm.rotary_emb(hidden, rope_input(positions))
     for layer, window in zip(layers, windows, strict=True):
         mask = _mask_additive(order_row(positions), window, hidden.dtype)
         hidden = layer_call(layer, hidden, None, attention_mask=mask, position_embeddings=pe,
                             position_ids=stream_layer_positions(positions), use_cache=False)
+        if states is not None:
+            states.append(hidden)
     return hidden
 
 
@@ -111,8 +115,9 @@ def reference_forward(
     hidden_only: bool = False,
     packed: bool | None = None,
     vision_mask: Tensor | None = None,
+    output_hidden_states: bool = False,
     **vision_inputs,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, tuple[Tensor, ...]]:
     """DPVR-LF logits ``[B, L, vocab]`` (zeros at pad positions), one sample at a time.
 
     Uses ``model``'s weights (patched or not). The side branch is ``side_branch``, else the model's
@@ -127,6 +132,10 @@ def reference_forward(
     image-token id. ``packed``: rows hold several sequences, split wherever ``position_ids`` do not follow on,
     each run as its own sample; ``None`` does so where stock does without a cache (``position_ids`` given, no
     ``attention_mask``). Sliding-window layers attend within their window of original positions.
+
+    ``output_hidden_states`` also returns the ``N + 1`` per-layer states ``[B, L, D]`` of docs/CONTRACT.md rule 9
+    (the input, each layer's output, the last normed; after a deep layer a text token holds the text stream's
+    state and a vision token the side branch's output; zeros at pad positions): ``(logits, hidden_states)``.
     """
     lm = language_model(model)
     n_layers = len(lm.layers)
@@ -160,43 +169,58 @@ def reference_forward(
         rope = pos.rope.expand(*pos.rope.shape[:-2], bsz, seq_len)  # [B, L] or [3, B, L]
         order = rope if rope.dim() == 2 else (pos.explicit.expand(bsz, seq_len) if pos.explicit is not None
                                               else rope[0])
-        outputs = []
+        outputs, layer_states = [], []
         for b in range(bsz):
             keep = attention_mask[b].bool()
             valid = torch.arange(seq_len, device=input_ids.device)[keep]  # pad tokens play no part
             full = None
+            sample_states = [embeds.new_zeros(seq_len, embeds.shape[-1]) for _ in range(n_layers + 1)]
             for seq in _sequences(order[b].index_select(0, valid), packed):
                 rows = valid.index_select(0, seq)
+                states: list[Tensor] = []
                 out = _one_sequence(model, lm, side_branch, windows, embeds[b].index_select(0, rows)[None],
                                     rope[..., b, :].index_select(-1, rows), vision_mask[b].index_select(0, rows),
-                                    r, f, hidden_only, [x[b].index_select(0, rows)[None] for x in injections])
+                                    r, f, hidden_only, [x[b].index_select(0, rows)[None] for x in injections],
+                                    states)
                 if full is None:
                     full = out.new_zeros(seq_len, out.shape[-1])
                 full = full.index_copy(0, rows, out[0])
+                sample_states = [whole.index_copy(0, rows, part[0]) for whole, part in zip(sample_states, states,
+                                                                                            strict=True)]
             if full is None:  # a row of pads only
                 width = lm.norm.weight.shape[0] if hidden_only else model.lm_head.out_features
                 full = embeds.new_zeros(seq_len, width)
             outputs.append(full)
-    return torch.stack(outputs)
+            layer_states.append(sample_states)
+    logits = torch.stack(outputs)
+    if not output_hidden_states:
+        return logits
+    return logits, tuple(torch.stack([sample[i] for sample in layer_states]) for i in range(n_layers + 1))
 
 
 def _one_sequence(model, lm, side_branch, windows: list, hidden: Tensor, positions: Tensor, is_vision: Tensor, r: int,
-                  f: int, hidden_only: bool, injections: list[Tensor]) -> Tensor:
+                  f: int, hidden_only: bool, injections: list[Tensor], states: list[Tensor]) -> Tensor:
     """docs/CONTRACT.md for one sequence ``[1, n, D]`` without pads: full layers (each followed by its deepstack
-    injection, if any), route, side branch, fuse."""
+    injection, if any), route, side branch, fuse. ``states`` gets the ``N + 1`` per-layer states (rule 9)."""
     n = len(lm.layers)
     if len(injections) > r:
         raise ValueError(f"{len(injections)} deepstack injections reach the route layer {r}")
     text_idx = torch.arange(is_vision.numel(), device=is_vision.device)[~is_vision]
     vision_idx = torch.arange(is_vision.numel(), device=is_vision.device)[is_vision]
+    states.append(hidden)
     for i in range(r):
-        hidden = _run(lm.layers[i : i + 1], windows[i : i + 1], lm, hidden, positions)
+        hidden = _run(lm.layers[i : i + 1], windows[i : i + 1], lm, hidden, positions, states)
         if i < len(injections):
             hidden = hidden + injections[i]
+    deep_text: list[Tensor] = []
     text = _run(lm.layers[r : n - f], windows[r : n - f], lm, hidden.index_select(1, text_idx),
-                positions.index_select(-1, text_idx))
+                positions.index_select(-1, text_idx), deep_text)
     vision = _run([side_branch], [windows[r]], lm, hidden.index_select(1, vision_idx),
                   positions.index_select(-1, vision_idx))
+    # After each deep layer: the text stream at text tokens, the side branch's output at vision tokens.
+    states.extend(hidden.clone().index_copy(1, text_idx, t).index_copy(1, vision_idx, vision) for t in deep_text)
     fused = hidden.clone().index_copy(1, text_idx, text).index_copy(1, vision_idx, vision)
-    fused = lm.norm(_run(lm.layers[n - f :], windows[n - f :], lm, fused, positions))
+    fused = _run(lm.layers[n - f :], windows[n - f :], lm, fused, positions, states)
+    fused = lm.norm(fused)
+    states[-1] = fused
     return fused if hidden_only else model.lm_head(fused)

@@ -185,14 +185,6 @@ def test_image_token_count_mismatch():
         model(input_ids=ids, attention_mask=mask, pixel_values=pv)
 
 
-@pytest.mark.parametrize("flag", ["output_attentions", "output_hidden_states"])
-def test_per_layer_outputs_refused(flag):
-    ids, mask, pv = make_batch(LAYOUTS["image_middle"])
-    model = dpvr_kernels.patch(tiny_llava(attn="eager"))
-    with pytest.raises(NotImplementedError, match=flag):
-        model(input_ids=ids, attention_mask=mask, pixel_values=pv, **{flag: True})
-
-
 def test_unpatch_unpatched():
     with pytest.raises(ValueError, match="not patched"):
         dpvr_kernels.unpatch(tiny_llava())

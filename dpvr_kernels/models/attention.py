@@ -110,6 +110,52 @@ def varlen_backend(device: torch.device, dtype: torch.dtype) -> str:
     return "sdpa_per_segment"
 
 
+def _segment_mask(n: int, window: int | None, positions: Tensor | None, device: torch.device | None = None) -> Tensor:
+    """bool ``[n, n]``: causal within a segment, and within ``window`` original positions when one is given."""
+    device = positions.device if positions is not None else device
+    mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    if window is not None:
+        mask &= positions[:, None] - positions[None, :] < window
+    return mask
+
+
+def _weighted(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float, dropout: float,
+              training: bool) -> tuple[Tensor, Tensor]:
+    """Attention with explicit weights (what eager attention computes): ``q`` ``[..., H, q, Dh]``, ``k``/``v``
+    ``[..., Hkv, k, Dh]``, ``allowed`` bool broadcast to ``[..., H, q, k]``; returns (output ``[..., H, q, Dh]``,
+    weights ``[..., H, q, k]``). A fully masked row (a pad query) gets zero weights."""
+    if q.shape[-3] != k.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    weights = F.dropout(weights, p=dropout, training=training)
+    return weights @ v, weights
+
+
+def segment_weights_attention(q: Tensor, k: Tensor, v: Tensor, seg: VarlenSegments, scale: float, *,
+                              dropout: float = 0.0, training: bool = False,
+                              window: int | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`attend_segments` with explicit weights, for ``output_attentions`` under eager attention: output
+    ``[T, H, Dh]`` and block-diagonal weights ``[H, T, T]`` (zero between segments)."""
+    T = q.shape[1]
+    out = q.new_zeros(q.shape)
+    weights = q.new_zeros(q.shape[0], T, T)
+    window = window if seg.window_binds(window) else None
+    start = 0
+    for n in seg.seqlens:
+        if n:
+            sl = slice(start, start + n)
+            pos = None if seg.positions is None else seg.positions[sl]
+            o, w = _weighted(q[:, sl], k[:, sl], v[:, sl], _segment_mask(n, window, pos, q.device), scale, dropout,
+                             training)
+            out[:, sl] = o
+            weights[:, sl, sl] = w
+        start += n
+    return out.transpose(0, 1), weights
+
+
 def attend_segments(q: Tensor, k: Tensor, v: Tensor, seqlens: tuple[int, ...] | list[int], scale: float, *,
                     dropout: float = 0.0, window: int | None = None, positions: Tensor | None = None) -> Tensor:
     """Causal attention within each segment of a packed stream, SDPA per segment: the one place the CPU and
@@ -125,11 +171,7 @@ def attend_segments(q: Tensor, k: Tensor, v: Tensor, seqlens: tuple[int, ...] | 
     for n in seqlens:
         if n:
             sl = slice(start, start + n)
-            mask = None
-            if window is not None:
-                pos = positions[sl]
-                mask = (torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-                        & (pos[:, None] - pos[None, :] < window))[None, None]
+            mask = None if window is None else _segment_mask(n, window, positions[sl])[None, None]
             # 4-D inputs: with 3-D ones SDPA on CPU takes its slow math path (n x n scores in memory)
             outs.append(F.scaled_dot_product_attention(
                 q[None, :, sl], k[None, :, sl], v[None, :, sl], attn_mask=mask, dropout_p=dropout,
@@ -149,15 +191,23 @@ def dpvr_varlen_attention(
     scaling: float | None = None,
     dpvr_segments: VarlenSegments | None = None,
     sliding_window: int | None = None,
+    dpvr_attention_weights: bool = False,
     **kwargs,
-) -> tuple[Tensor, None]:
+) -> tuple[Tensor, Tensor | None]:
     """Attention for the text stream and side branch; signature of transformers' attention functions.
 
-    ``query`` ``[B, H, q, Dh]``, ``key``/``value`` ``[B, Hkv, k, Dh]``; returns ``[B, q, H, Dh]``.
+    ``query`` ``[B, H, q, Dh]``, ``key``/``value`` ``[B, Hkv, k, Dh]``; returns ``[B, q, H, Dh]`` and, with
+    ``dpvr_attention_weights`` (``output_attentions`` of an eager model), the weights as eager attention computes
+    them: block-diagonal ``[1, H, T, T]`` over a packed stream, ``[B, H, q, k]`` in a decode step.
     """
-    if kwargs.get("output_attentions"):
-        raise NotImplementedError("DPVR-LF varlen attention does not return attention weights")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if dpvr_attention_weights:
+        if dpvr_segments is None:
+            out, weights = _weighted(query, key, value, attention_mask, scale, dropout, module.training)
+            return out.transpose(1, 2).contiguous(), weights
+        out, weights = segment_weights_attention(query[0], key[0], value[0], dpvr_segments, scale, dropout=dropout,
+                                                 training=module.training, window=sliding_window)
+        return out.unsqueeze(0), weights.unsqueeze(0)
     if dpvr_segments is None:
         # Decode step of a deep layer: the patched forward passes a boolean mask over the text-only cache.
         gqa = query.shape[1] != key.shape[1]

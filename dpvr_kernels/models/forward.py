@@ -38,6 +38,7 @@ from .backbone import (
     wrapper_state,
 )
 from .cache import DPVRCache, TextCacheWriter, adopt_cache, deep_decode_mask, is_dpvr_cache
+from .outputs import LayerTrace, start_trace, weights_kwargs
 
 __all__ = ["add_deepstack", "dpvr_language_forward", "vision_wrapper_forward"]
 
@@ -64,9 +65,10 @@ def _window_error(span: int, window: int) -> ValueError:
 
 
 def _route_forward(lm, hidden: Tensor, vision_mask: Tensor, attention_mask, position_ids: Tensor, sequence_ids,
-                   cache: DPVRCache | None, use_cache: bool, layer_kwargs: dict) -> Tensor:
+                   cache: DPVRCache | None, use_cache: bool, layer_kwargs: dict, trace: LayerTrace) -> Tensor:
     """Prefill of layers [r, N-f): route, run the text stream and the side branch, fuse. ``position_ids`` are the
-    rotary positions (``[B|1, L]``, or ``[3, B|1, L]`` M-RoPE rows), gathered per token into each stream."""
+    rotary positions (``[B|1, L]``, or ``[3, B|1, L]`` M-RoPE rows), gathered per token into each stream. ``trace``
+    records the deep layers' states and weights where the call asks for them."""
     state: PatchState = lm._dpvr_state
     r, f = state.settings.route_layer, state.settings.fusion_layers
     backend = state.settings.backend
@@ -88,7 +90,9 @@ def _route_forward(lm, hidden: Tensor, vision_mask: Tensor, attention_mask, posi
         text_pos = positions.stream_layer_positions(plan.text_position_ids)
         for i in deep:
             text = layer_call(lm.layers[i], text, text_cache, attention_mask=None, position_embeddings=pe,
-                              position_ids=text_pos, use_cache=use_cache, dpvr_segments=segments, **layer_kwargs)
+                              position_ids=text_pos, use_cache=use_cache, dpvr_segments=segments,
+                              **weights_kwargs(trace), **layer_kwargs)
+            trace.record_deep_text(i, text[0].to(hidden.device))
         text = text[0].to(hidden.device)  # a device_map may have put the last deep layer elsewhere
     elif text_cache is not None:
         # No text token in the batch (prompts of vision tokens only): the deep layers have nothing to run, but their
@@ -107,6 +111,9 @@ def _route_forward(lm, hidden: Tensor, vision_mask: Tensor, attention_mask, posi
         vision = layer_call(getattr(lm, SIDE_BRANCH), vision, None, attention_mask=None, position_embeddings=pe,
                             position_ids=positions.stream_layer_positions(plan.vision_position_ids),
                             use_cache=False, dpvr_segments=segments, **layer_kwargs)[0]
+    if trace.active:
+        trace.fuse_deep(functools.partial(fuse_merge, backend=backend), vision, hidden, plan)
+        trace.scatter_deep_weights(deep, plan)
     return fuse_merge(text, vision, hidden, plan, backend=backend)
 
 
@@ -144,12 +151,16 @@ def dpvr_language_forward(
     cache = kwargs.pop("cache", None)
     legacy = kwargs.pop("past_key_values", None)
     cache = cache if cache is not None else legacy
-    for flag in ("output_attentions", "output_hidden_states"):
-        if kwargs.pop(flag, None) or getattr(self.config, flag, False):
-            raise NotImplementedError(
-                f"{flag}=True is not supported by the DPVR-LF forward (vision tokens skip the deep layers, so "
-                "per-layer tensors have different token sets); call dpvr_kernels.unpatch(model) to inspect them"
-            )
+    trace = start_trace(self, kwargs, state.user_attn)  # output_hidden_states / output_attentions (outputs.py)
+    try:
+        return _decoder_forward(self, state, trace, cache, input_ids, attention_mask, position_ids, inputs_embeds,
+                                use_cache, kwargs)
+    finally:
+        trace.close()
+
+
+def _decoder_forward(self, state: PatchState, trace: LayerTrace, cache, input_ids, attention_mask, position_ids,
+                     inputs_embeds, use_cache, kwargs: dict) -> BaseModelOutputWithPast:
     kwargs.pop("return_dict", None)
     vision_mask = kwargs.pop(VISION_MASK_KW, None)  # None: no vision features in this call, every token is text
     # Qwen3-VL's deepstack: features added to the vision tokens' states after the first layers (all below r).
@@ -188,8 +199,10 @@ def dpvr_language_forward(
         raise ValueError(f"{len(deepstack)} deepstack injections reach layer {r}, the route layer: patch with "
                          f"route_layer >= {len(deepstack)}")
     hidden = inputs_embeds
+    trace.record(0, hidden)
     for i in range(r):
         hidden = layer_call(self.layers[i], hidden, cache, attention_mask=masks[state.layer_types[i]], **common)
+        trace.record(i + 1, hidden)  # the layer's output, before a deepstack injection (as stock records it)
         if deepstack is not None and i < len(deepstack):
             hidden = add_deepstack(hidden, deepstack_mask, deepstack[i])
 
@@ -198,16 +211,19 @@ def dpvr_language_forward(
             vision_mask = torch.zeros(batch, q_len, dtype=torch.bool, device=inputs_embeds.device)
         sequence_ids = _prefill_sequence_ids(attention_mask, pos.explicit, cache, batch, q_len, kwargs)
         hidden = _route_forward(self, hidden, vision_mask, attention_mask, pos.rope, sequence_ids, cache,
-                                use_cache, kwargs)
+                                use_cache, kwargs, trace)
     else:
         deep_mask = deep_decode_mask(cache, attention_mask, q_len, batch, inputs_embeds.device)
-        for layer in self.layers[r : num_layers - f]:
-            hidden = layer_call(layer, hidden, cache, attention_mask=deep_mask, **common)
+        for i in range(r, num_layers - f):
+            hidden = layer_call(self.layers[i], hidden, cache, attention_mask=deep_mask, **weights_kwargs(trace),
+                                **common)
+            trace.record(i + 1, hidden)
 
     for i in range(num_layers - f, num_layers):
         hidden = layer_call(self.layers[i], hidden, cache, attention_mask=masks[state.layer_types[i]], **common)
+        trace.record(i + 1, hidden)
     hidden = self.norm(hidden)
-    return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_KW: cache})
+    return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_KW: cache}, **trace.finish(hidden))
 
 
 def add_deepstack(hidden: Tensor, mask: Tensor, features: Tensor) -> Tensor:
