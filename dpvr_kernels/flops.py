@@ -1,4 +1,8 @@
-"""Exact cost model for DPVR-LF on LLaVA configs: parameters, prefill FLOPs, KV-cache bytes, decode FLOPs.
+"""Exact cost model for DPVR-LF: parameters, prefill FLOPs, KV-cache bytes, decode FLOPs.
+
+Covers LLaVA configs (CLIP / SigLIP towers) and, towers included, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V,
+InternVL, Idefics3 / SmolVLM and Mistral3 (their towers: :mod:`dpvr_kernels.vision_towers`; their vision
+tokens: :mod:`dpvr_kernels.vision_tokens`).
 
 Everything here is plain integer arithmetic on a config (no model is built, no tensor is allocated), so
 it works for full-size configs on any machine and every benchmark can print the ideal speedup next to
@@ -40,6 +44,11 @@ FLOP counting rules
   linears run on the selected tokens of each pass (NeXT-Video: on the pooled frame tokens). How many
   decoder tokens, passes and projector tokens an image or video gives is
   :mod:`dpvr_kernels.vision_tokens` (anyres unpadding, newline tokens, video pooling).
+* Dynamic-resolution towers (:mod:`dpvr_kernels.vision_towers`): the patch embedding on every patch, every
+  encoder layer's linears on every encoder token, attention on the allowed pairs the
+  :class:`~dpvr_kernels.vision_tokens.VisionWork` counts (per image / tile / temporal slice; Qwen2.5-VL's
+  windows), and the mergers / pixel-shuffle projectors ("projector") on the merged tokens; Qwen3-VL's
+  DeepStack mergers too (adding their outputs into the decoder is elementwise).
 * Vision tower and projector cost the same with and without DPVR-LF.
 * A sliding-window attention (Mistral, BakLLaVA's window 4096) is assumed wider than the sequence: the
   counts are exact while the prompt is shorter than the window.
@@ -63,6 +72,7 @@ from .config import as_int, validate_route
 from .formatting import fmt_bytes, fmt_count, fmt_si
 from .presets import NAMED_CONFIGS, named_config
 from .vision_tokens import VisionWork, _pair, is_anyres, tokens_per_image
+from .vision_towers import TOWER_TYPES, Tower, tower_for
 
 __all__ = ["CostReport", "cost_model", "route_layer_table"]
 
@@ -277,7 +287,7 @@ def _vision_shape(config: Any, text: _TextShape) -> _VisionShape:
     )
 
 
-def _resolve_config(config: Any) -> tuple[str, _TextShape, _VisionShape | None, bool]:
+def _resolve_config(config: Any) -> tuple[str, _TextShape, _VisionShape | Tower | None, bool]:
     """Return ``(name, text shape, vision shape or None, tie_word_embeddings)`` for a config or a name."""
     if isinstance(config, str):
         config = named_config(config)
@@ -287,6 +297,9 @@ def _resolve_config(config: Any) -> tuple[str, _TextShape, _VisionShape | None, 
         and getattr(config, "vision_config", None) is not None
     ):
         text = _text_shape(config.text_config)
+        if getattr(config, "model_type", "") in TOWER_TYPES:
+            tie = bool(getattr(config, "tie_word_embeddings", False)) or text.tie_word_embeddings
+            return name, text, tower_for(config, text.hidden), tie
         vision = _vision_shape(config, text)
         tie = bool(getattr(config, "tie_word_embeddings", False)) or text.tie_word_embeddings
         return name, text, vision, tie
@@ -420,7 +433,9 @@ class CostReport:
         videos ``"1 image(s), 0 video(s): 2928 tokens from 5 vision-tower passes (576 tokens per tile)"``."""
         images, videos, passes = (v // self.batch for v in (self.images, self.videos, self.tower_passes))
         if not self.tokens_per_image:
-            return "no vision tower"
+            if not passes:
+                return "no vision tower"
+            return f"{images} image(s), {videos} video(s): {self.image_tokens} tokens from {passes} vision-tower passes"
         if videos == 0 and passes == images and self.image_tokens == images * self.tokens_per_image:
             return f"{images} image(s) of {self.tokens_per_image} tokens"
         return (f"{images} image(s), {videos} video(s): {self.image_tokens} tokens from {passes} vision-tower "
@@ -438,7 +453,7 @@ class CostReport:
         lines = [
             f"DPVR-LF cost model: {self.model}",
             f"  batch {self.batch} x ({self.image_tokens} image + {self.text_tokens} text tokens)"
-            + (f", {self.vision_summary()}" if self.tokens_per_image else ""),
+            + (f", {self.vision_summary()}" if self.tower_passes else ""),
             f"  decoder {n} layers: [0,{r}) all tokens | side branch on image tokens | "
             f"[{r},{n - f}) text only | [{n - f},{n}) fusion, all tokens",
             "",
@@ -560,7 +575,9 @@ def cost_model(
     Args:
         config: a transformers LLaVA-family config (``LlavaConfig``, ``LlavaNextConfig``,
             ``LlavaNextVideoConfig``, ``LlavaOnevisionConfig``, ``VipLlavaConfig``: CLIP or SigLIP tower;
-            Llama, Mistral, Qwen2 or Qwen3 backbone), a plain text config of those types (decoder only:
+            Llama, Mistral, Qwen2 or Qwen3 backbone), a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4V / InternVL /
+            Idefics3 / SmolVLM / Mistral3 config (pass ``image_tokens`` as a ``VisionWork``), a plain text
+            config of those types (decoder only:
             vision and projector terms are 0), or one of :data:`~dpvr_kernels.presets.NAMED_CONFIGS`.
         image_tokens: the vision (image + video) tokens per sample. Either a
             :class:`~dpvr_kernels.vision_tokens.VisionWork` (from :func:`~dpvr_kernels.vision_tokens.image_work`
@@ -611,7 +628,19 @@ def cost_model(
     params_total = embed + n_layers * layer_params + text.hidden + (0 if tie else embed)
     per_image = 0
     vision_flops = projector_flops = 0
-    if vision is not None:
+    if isinstance(vision, Tower):
+        params_total += vision.params()
+        if work is None:
+            raise ValueError(
+                f"{vision.kind} sizes its vision input by each image's pixels, so {image_tokens} image tokens do not "
+                f"say how much vision-tower work made them: pass image_tokens as a VisionWork, e.g. "
+                f"dpvr_kernels.vision_tokens.image_work(config, height, width) for one image (or pass "
+                f"config.text_config for the decoder alone)"
+            )
+        tower_linear, tower_attn = vision.tower_flops(work)
+        vision_flops = batch * (tower_linear + tower_attn)
+        projector_flops = batch * vision.projector_flops(work)
+    elif vision is not None:
         params_total += vision.tower_params() + vision.projector_params()
         per_image = tokens_per_image(config)
         if work is None:

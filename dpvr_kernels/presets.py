@@ -1,4 +1,5 @@
-"""Model presets: configs with the exact shapes of public LLaVA-family checkpoints, scaled-down LLaVA
+"""Model presets: configs with the exact shapes of public LLaVA-family, Qwen2.5-VL, Qwen3-VL, InternVL3,
+SmolVLM2 and GLM-4.1V checkpoints (each builder's docstring names its sources), scaled-down LLaVA
 configs for CPU demos and tests, and the CLI's ``--size`` choices. Building a model from any of them gives
 random weights; the cost model (:mod:`dpvr_kernels.flops`) reads them without building anything.
 """
@@ -26,6 +27,13 @@ NAMED_CONFIGS: tuple[str, ...] = (
     "llava-next-7b",
     "llava-onevision-7b",
     "bakllava-7b",
+    "qwen2.5-vl-7b",
+    "qwen2.5-vl-3b",
+    "qwen3-vl-8b",
+    "qwen3-vl-2b",
+    "internvl3-8b",
+    "smolvlm2-2.2b",
+    "glm-4.1v-9b",
 )
 
 #: The vision input each named model is typically shown: one image of (height, width) pixels (its tower's
@@ -37,6 +45,14 @@ TYPICAL_INPUTS: dict[str, tuple[int, int]] = {
     "llava-next-7b": (672, 672),
     "llava-onevision-7b": (768, 768),
     "bakllava-7b": (336, 336),
+    # dynamic-resolution models: one 720 x 1280 (HD) image, at each checkpoint's processor settings
+    "qwen2.5-vl-7b": (720, 1280),
+    "qwen2.5-vl-3b": (720, 1280),
+    "qwen3-vl-8b": (720, 1280),
+    "qwen3-vl-2b": (720, 1280),
+    "internvl3-8b": (720, 1280),
+    "smolvlm2-2.2b": (720, 1280),
+    "glm-4.1v-9b": (720, 1280),
 }
 
 #: ``--size`` choices of the command line (:func:`size_config`).
@@ -98,6 +114,10 @@ def named_config(name: str) -> Any:
     * ``"bakllava-7b"`` (``LlavaConfig``, bakLlava-v1): Mistral-7B-v0.1 (hidden 4096, intermediate 14336,
       32 layers, 32 heads, 8 KV heads, vocab 32064, ``sliding_window`` 4096, 32768 positions) + the CLIP
       tower of LLaVA-1.5.
+    * The dynamic-resolution models (:func:`_qwen2_5_vl`, :func:`_qwen3_vl`, :func:`_internvl3_8b`,
+      :func:`_smolvlm2_2b`, :func:`_glm41v_9b` say where each number comes from): ``"qwen2.5-vl-7b"``,
+      ``"qwen2.5-vl-3b"``, ``"qwen3-vl-8b"``, ``"qwen3-vl-2b"``, ``"internvl3-8b"``, ``"smolvlm2-2.2b"``,
+      ``"glm-4.1v-9b"``.
 
     Raises:
         ValueError: for an unknown name (lists :data:`NAMED_CONFIGS`).
@@ -136,6 +156,10 @@ def named_config(name: str) -> Any:
                                    video_token_index=151647, vision_feature_layer=-1,
                                    vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
                                    tie_word_embeddings=False)
+        cfg.name_or_path = key
+        return cfg
+    if key in _DYNAMIC:
+        cfg = _DYNAMIC[key]()
         cfg.name_or_path = key
         return cfg
     raise ValueError(f"unknown config name {name!r}; choose one of {', '.join(NAMED_CONFIGS)}")
@@ -257,3 +281,120 @@ def scaled_config(
                                 intermediate=vision_intermediate, layers=vision_layers, heads=vision_heads),
         image_token_id=image_token_id,
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dynamic-resolution models (no weights are downloaded: the shapes are written out here)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _qwen2_5_vl(size: str) -> Any:
+    """Qwen/Qwen2.5-VL-7B-Instruct or -3B-Instruct.
+
+    Sources: the checkpoints' config.json as quoted in public code (vLLM / TensorRT-LLM tests and model
+    dumps). 7B: Qwen2.5-7B decoder (hidden 3584, intermediate 18944, 28 layers, 28 heads, 4 KV heads, vocab
+    152064, untied). 3B: hidden 2048, intermediate 11008, 36 layers, 16 heads, 2 KV heads, vocab 151936, tied
+    embeddings. Both: rope_theta 1e6, 128000 positions, ViT of depth 32, hidden 1280, intermediate 3420, 16
+    heads, patch 14, temporal patch 2, merge 2, window 112 px, full attention in blocks 7, 15, 23, 31,
+    ``out_hidden_size`` = the decoder width; image / video token ids 151655 / 151656.
+    """
+    from transformers import Qwen2_5_VLConfig
+
+    big = size == "7b"
+    hidden = 3584 if big else 2048
+    text = dict(hidden_size=hidden, intermediate_size=18944 if big else 11008, num_hidden_layers=28 if big else 36,
+                num_attention_heads=28 if big else 16, num_key_value_heads=4 if big else 2,
+                vocab_size=152064 if big else 151936, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                rope_theta=1000000.0, tie_word_embeddings=not big)
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                  tokens_per_second=2, out_hidden_size=hidden, hidden_act="silu")
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+                            tie_word_embeddings=not big)
+
+
+def _qwen3_vl(size: str) -> Any:
+    """Qwen/Qwen3-VL-8B-Instruct or -2B-Instruct.
+
+    Sources: the checkpoints' config.json as quoted in public code. 8B: Qwen3-8B decoder (hidden 4096,
+    intermediate 12288, 36 layers, 32 heads, 8 KV heads, head_dim 128, vocab 151936, untied); ViT depth 27,
+    hidden 1152, intermediate 4304, 16 heads (SigLIP-2 so400m shape), DeepStack layers 8, 16, 24. 2B: hidden
+    2048, intermediate 6144, 28 layers, 16 heads, 8 KV heads, head_dim 128, tied embeddings; ViT depth 24,
+    hidden 1024, intermediate 4096, 16 heads, DeepStack layers 5, 11, 17. Both: patch 16, temporal patch 2,
+    merge 2, 2304 position embeddings, ``out_hidden_size`` = the decoder width, rope_theta 5e6, 262144
+    positions, image / video token ids 151655 / 151656.
+    """
+    from transformers import Qwen3VLConfig
+
+    big = size == "8b"
+    hidden = 4096 if big else 2048
+    text = dict(hidden_size=hidden, intermediate_size=12288 if big else 6144, num_hidden_layers=36 if big else 28,
+                num_attention_heads=32 if big else 16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                max_position_embeddings=262144, rms_norm_eps=1e-6, rope_theta=5000000.0,
+                tie_word_embeddings=not big)
+    vision = dict(depth=27 if big else 24, hidden_size=1152 if big else 1024, intermediate_size=4304 if big else 4096,
+                  num_heads=16, in_channels=3, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                  num_position_embeddings=2304, out_hidden_size=hidden,
+                  deepstack_visual_indexes=[8, 16, 24] if big else [5, 11, 17], hidden_act="gelu_pytorch_tanh")
+    return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+                         tie_word_embeddings=not big)
+
+
+def _internvl3_8b() -> Any:
+    """OpenGVLab/InternVL3-8B-hf.
+
+    Sources: InternViT-300M-448px-V2_5 is the ``InternVLVisionConfig`` default (transformers documents it as
+    the tower of OpenGVLab/InternVL3-1B-hf; the same tower serves InternVL3-8B): hidden 1024, intermediate
+    4096, 24 layers, 16 heads, 448 px, patch 14, LayerNorm, mean pooling. Decoder Qwen2.5-7B (hidden 3584,
+    intermediate 18944, 28 layers, 28 heads, 4 KV heads) with InternVL3's vocab of 151674 (public config
+    dumps), untied; downsample_ratio 0.5 (256 tokens per tile), image token id 151667.
+    """
+    from transformers import InternVLConfig, Qwen2Config
+
+    text = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=151674, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0, tie_word_embeddings=False)
+    return InternVLConfig(text_config=text, vision_config={}, image_token_id=151667, downsample_ratio=0.5,
+                          image_seq_length=256, vision_feature_layer=-1, tie_word_embeddings=False)
+
+
+def _smolvlm2_2b() -> Any:
+    """HuggingFaceTB/SmolVLM2-2.2B-Instruct.
+
+    Sources: the SmolVLM family's vocab 49280 and image token id 49190 (public config dumps); the 2.2B
+    decoder is SmolLM2-1.7B's Llama shape (hidden 2048, intermediate 8192, 24 layers, 32 heads, 32 KV heads,
+    rope_theta 130000, untied) and the tower SigLIP so400m/14 at 384 px (hidden 1152, intermediate 4304, 27
+    layers, 16 heads), pixel shuffle scale_factor 3 (81 tokens per 384 px tile). Unlike the other named
+    configs, these shapes were not checked against the checkpoint's own config.json (no download here): treat
+    the parameter count as approximate until they are.
+    """
+    from transformers import LlamaConfig, SmolVLMConfig
+
+    text = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=49280, max_position_embeddings=16384, rms_norm_eps=1e-5,
+                       rope_theta=130000.0, tie_word_embeddings=False)
+    vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                  image_size=384, patch_size=14)
+    return SmolVLMConfig(text_config=text, vision_config=vision, image_token_id=49190, scale_factor=3,
+                         tie_word_embeddings=False)
+
+
+def _glm41v_9b() -> Any:
+    """zai-org/GLM-4.1V-9B-Thinking: the transformers ``Glm4vConfig`` defaults, which document that checkpoint
+    (decoder hidden 4096, intermediate 13696, 40 layers, 32 heads, 2 KV heads, vocab 151552, untied; ViT depth
+    24, hidden 1536, 12 heads, 336 px position table, patch 14, merge 2, out 4096, merger width 13696; image /
+    video token ids 151343 / 151344)."""
+    from transformers import Glm4vConfig
+
+    return Glm4vConfig()
+
+
+_DYNAMIC = {
+    "qwen2.5-vl-7b": lambda: _qwen2_5_vl("7b"),
+    "qwen2.5-vl-3b": lambda: _qwen2_5_vl("3b"),
+    "qwen3-vl-8b": lambda: _qwen3_vl("8b"),
+    "qwen3-vl-2b": lambda: _qwen3_vl("2b"),
+    "internvl3-8b": _internvl3_8b,
+    "smolvlm2-2.2b": _smolvlm2_2b,
+    "glm-4.1v-9b": _glm41v_9b,
+}

@@ -128,7 +128,8 @@ def test_params_total_matches_meta_model_named(name):
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(cfg)
     assert rep.params_total == sum(p.numel() for p in model.parameters())
-    layer = model.model.language_model.layers[rep.route_layer]
+    decoder = getattr(model.model, "language_model", None) or model.model.text_model  # SmolVLM: text_model
+    layer = decoder.layers[rep.route_layer]
     assert rep.params_side_branch == sum(p.numel() for p in layer.parameters())
 
 

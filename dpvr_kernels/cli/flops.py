@@ -35,19 +35,23 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                                    "route layer, prefill FLOPs, ideal speedups and KV-cache bytes. With "
                                    "--route-layer, the full report for that layer. Vision tokens follow each "
                                    "model's processor: anyres tiles and newline tokens (LLaVA-NeXT, -OneVision), "
-                                   "pooled video frames (LLaVA-NeXT-Video, -OneVision).")
+                                   "pooled video frames (LLaVA-NeXT-Video, -OneVision), dynamic-resolution "
+                                   "grids (Qwen2/2.5/3-VL, GLM-4V), tiles with pixel shuffle (InternVL, "
+                                   "SmolVLM/Idefics3), Pixtral patch rows (Mistral3).")
     p.add_argument("--config", action="append", default=None, metavar="NAME",
                    help=f"named config, repeatable: {', '.join(NAMED_CONFIGS)} (default: all, unless --config-file)")
     p.add_argument("--config-file", action="append", default=None, metavar="PATH",
-                   help="a LLaVA-family config.json of a checkpoint (llava, llava_next, llava_next_video, "
-                        "llava_onevision, vipllava), repeatable")
+                   help="a config.json of a checkpoint (llava, llava_next, llava_next_video, llava_onevision, "
+                        "vipllava, qwen2_vl, qwen2_5_vl, qwen3_vl, glm4v, internvl, smolvlm, idefics3, mistral3), "
+                        "repeatable")
     p.add_argument("--model", action="append", default=None, metavar="DIR",
                    help="a model folder (its config.json), or demo / demo-dpvr (the shipped digit model), repeatable")
     p.add_argument("--image-size", action="append", type=_hw, default=None, metavar="HxW",
                    help="an image per sample of HEIGHTxWIDTH pixels, repeatable (default: one typical image: "
                         f"{typical}; the tower's input size for --config-file)")
     p.add_argument("--video-frames", action="append", type=positive_int, default=None, metavar="N",
-                   help="a video of N frames per sample, repeatable (llava_next_video, llava_onevision)")
+                   help="a video of N frames per sample, repeatable (llava_next_video, llava_onevision; Qwen-VL "
+                        "videos need a frame size: call dpvr_kernels.vision_tokens.video_work in Python)")
     p.add_argument("--image-tokens", type=nonneg_int, default=None,
                    help="instead of --image-size: image tokens per sample, whole images of one tower pass each "
                         "(not for anyres models)")
