@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dpvr-installed
 
-.PHONY: install demo test bench lint gpu-check vllm-env vllm-phase0 vllm-test vllm-bench clean
+.PHONY: install demo test bench lint gpu-check processors-env processors-test vllm-env vllm-phase0 vllm-test vllm-bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,19 @@ bench: $(STAMP)
 
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# The CLI on Qwen-VL folders with their own processors, which need torchvision (scripts/processors_env.sh):
+# its own venv, never part of `make test` (about 1 min).
+PSTAMP := .venv-processors/.dpvr-installed
+
+$(PSTAMP): pyproject.toml setup.py scripts/processors_env.sh scripts/patch_torchvision.py $(wildcard csrc/*)
+	bash scripts/processors_env.sh .venv-processors
+	touch $(PSTAMP)
+
+processors-env: $(PSTAMP)
+
+processors-test: $(PSTAMP)
+	DPVR_PROCESSOR_TESTS=1 HF_HUB_OFFLINE=1 timeout 900 .venv-processors/bin/python -m pytest tests/processors -q
 
 # vLLM (issue 15) lives in its own venv and is never part of `make test`.
 vllm-env:

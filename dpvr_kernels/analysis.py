@@ -20,8 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import default_route_layer
+from .models.classes import vision_token_ids
 from .models.patching import is_patched
-from .workloads import generate_position_ids
+from .workloads import prompt_position_ids
 
 __all__ = [
     "PAPER_PROFILE_POINTS",
@@ -65,9 +66,11 @@ def _eager_attention(model: nn.Module) -> Iterator[None]:
                 cfg._attn_implementation = original[key]
 
 
-def _query_selection(input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> tuple[Tensor, Tensor]:
-    """``(image_keys [B, L], queries [B, L])``: image tokens, and text tokens after at least one image token."""
-    image = input_ids == image_token_id
+def _query_selection(input_ids: Tensor, attention_mask: Tensor, vision_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """``(image_keys [B, L], queries [B, L])``: vision (image, video) tokens, and text tokens after at least one."""
+    image = torch.zeros_like(attention_mask, dtype=torch.bool)
+    for token in vision_ids:
+        image |= input_ids == token
     valid = attention_mask.bool()
     text = valid & ~image
     after_image = torch.cumsum((image & valid).long(), dim=-1) > 0
@@ -80,6 +83,7 @@ def attention_to_image_profile(
     attention_mask: Tensor,
     pixel_values: Tensor | None,
     position_ids: Tensor | None = None,
+    **vision_inputs: Tensor,
 ) -> list[float]:
     """Per decoder layer, the share of the text tokens' attention mass that lands on image-token keys.
 
@@ -93,11 +97,14 @@ def attention_to_image_profile(
     call (``model.set_attn_implementation("eager")``, vision tower included) and restored afterwards.
 
     Args:
-        model: an unpatched ``LlavaForConditionalGeneration``.
-        input_ids, attention_mask: ``[B, L]`` prompts holding image tokens (``config.image_token_id``).
+        model: an unpatched model of a supported class (``dpvr_kernels.models.classes``).
+        input_ids, attention_mask: ``[B, L]`` prompts holding vision tokens (``config.image_token_id``, and
+            ``video_token_id`` where the class has videos; "image" below means either).
         pixel_values: the images of those tokens (``None`` only for a model/prompt without images).
-        position_ids: optional ``[B, L]``; default: ``attention_mask.cumsum(-1) - 1`` (what ``generate``
-            gives left-padded prompts).
+        position_ids: optional; default: ``attention_mask.cumsum(-1) - 1`` (what ``generate`` gives
+            left-padded prompts) for 1-D RoPE classes, the model's own M-RoPE positions for Qwen-VL/GLM-4V.
+        vision_inputs: the processor's other vision inputs, passed on (``image_grid_thw``, ``image_sizes``,
+            ``pixel_values_videos``, ...).
 
     Returns:
         ``num_hidden_layers`` floats in ``[0, 1]``.
@@ -117,14 +124,14 @@ def attention_to_image_profile(
             f"input_ids and attention_mask must both be [B, L]; got {tuple(input_ids.shape)} and "
             f"{tuple(attention_mask.shape)}"
         )
-    image_keys, queries = _query_selection(input_ids, attention_mask, int(model.config.image_token_id))
+    image_keys, queries = _query_selection(input_ids, attention_mask, vision_token_ids(model.config))
     if not bool(queries.any()):
         raise ValueError(
             "no text token comes after an image token in this batch, so there is no text-to-image attention "
             "to measure: put text (e.g. the question) after the image tokens"
         )
     if position_ids is None:
-        position_ids = generate_position_ids(attention_mask)
+        position_ids = prompt_position_ids(model, attention_mask)
 
     with torch.no_grad(), _eager_attention(model):
         out = model(
@@ -135,6 +142,7 @@ def attention_to_image_profile(
             use_cache=False,
             output_attentions=True,
             return_dict=True,
+            **vision_inputs,
         )
     attentions = getattr(out, "attentions", None)
     n_layers = model.config.text_config.num_hidden_layers

@@ -50,6 +50,16 @@ def generate_position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def prompt_position_ids(model, attention_mask: Tensor) -> Tensor | None:
+    """The ``position_ids`` to pass with a left-padded prompt: :func:`generate_position_ids` for 1-D RoPE classes,
+    ``None`` for M-RoPE ones (Qwen-VL, GLM-4V), whose forward derives its 3-D positions from the mask and the
+    vision grids (1-D positions would be wrong there)."""
+    from .models.classes import model_class
+    from .models.positions import ROPE
+
+    return generate_position_ids(attention_mask) if model_class(model).positions == ROPE else None
+
+
 def greedy(model, logits: Tensor) -> Tensor:
     """Argmax next tokens ``[B, 1]`` of ``logits [B, vocab]``, honouring ``generation_config.suppress_tokens``
     (a random model may emit the image token id, which DPVR-LF refuses in a decode step)."""

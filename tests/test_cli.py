@@ -456,7 +456,7 @@ def bad_folders(tmp_path_factory, model_dir):
     (root / "empty").mkdir()
     from transformers import Qwen2VLConfig
 
-    Qwen2VLConfig().save_pretrained(root / "qwen2_vl")  # patch() supports it; the CLI does not yet
+    Qwen2VLConfig().save_pretrained(root / "qwen2_vl")  # no processor saved
     return root
 
 
@@ -468,7 +468,7 @@ def bad_folders(tmp_path_factory, model_dir):
         (["--model", "nobody/no-such-llava"], "not in the local Hugging Face cache"),
         (["--model", "{bad}/no_processor"], "processor.save_pretrained(DIR)"),
         (["--model", "{bad}/text_only"], "is not a LLaVA-family model. DPVR-LF patches LlavaForConditionalGeneration"),
-        (["--model", "{bad}/qwen2_vl"], "Qwen2VLForConditionalGeneration is supported by dpvr_kernels.patch() in"),
+        (["--model", "{bad}/qwen2_vl"], "no processor with an image processor in it"),
         (["--model", "{good}", "--image", "{bad}/none.png"], "--image {bad}/none.png: no such file"),
         (["--model", "{good}", "--image", "{bad}/empty"], "not an image PIL can read"),
         (["--model", "{good}", "--size", "tiny"], "--model and --size exclude each other"),

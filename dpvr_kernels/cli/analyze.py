@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import default_route_layer
+from ..models.classes import vision_token_ids
 from ..presets import size_config
 from .common import (
     add_common,
@@ -70,18 +71,19 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if user is not None:
         inputs = user_inputs(parser, user, args.image, args.prompt, batch=1)
         ids, mask, pixels = inputs.input_ids, inputs.attention_mask, inputs.kwargs.get("pixel_values")
-        n_image = int((ids == config.image_token_id).sum())
+        extra = {k: v for k, v in inputs.kwargs.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+        n_image = int(sum(int((ids == token).sum()) for token in vision_token_ids(config)))
         prompts = (f"  prompt: {len(inputs.image_files)} image(s) ({n_image} image tokens) and "
                    f"{args.prompt or 'the default question'!r} through the chat template; queries: text tokens after "
                    f"an image")
     else:
         batch = synthetic_batch(config, args.batch, args.text_tokens, images=args.images,
                                 pad=args.text_tokens // 4, seed=args.seed, dtype=dtype, device=device)
-        ids, mask, pixels = batch.input_ids, batch.attention_mask, batch.pixel_values
+        ids, mask, pixels, extra = batch.input_ids, batch.attention_mask, batch.pixel_values, {}
         prompts = (f"  prompts: {args.batch} x ({args.text_tokens} text tokens, {args.images} image(s), "
                    f"{batch.image_tokens} image tokens), synthetic; queries: text tokens after an image")
     try:
-        profile = attention_to_image_profile(model, ids, mask, pixels)
+        profile = attention_to_image_profile(model, ids, mask, pixels, **extra)
     except ValueError as exc:  # e.g. no text token after the image: nothing to measure
         parser.error(str(exc))
     suggestion = suggest_route_layer(profile, args.fraction, args.fusion_layers)

@@ -21,6 +21,7 @@ import torch
 
 from ..flops import CostReport, cost_model
 from ..formatting import fmt_seconds
+from ..models.classes import vision_token_ids
 from ..presets import size_config
 from ..vision_tokens import tokens_per_image
 from .common import (
@@ -144,8 +145,7 @@ def _model_points(args: argparse.Namespace, parser: argparse.ArgumentParser, use
                   r: int, f: int) -> list[_Point]:
     config = user.config
     elem = torch.empty((), dtype=dtype).element_size()
-    vision_ids = [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
-                  if i is not None]
+    vision_ids = vision_token_ids(config)
     points = []
     for b in args.batches or [1, 4]:
         inputs = user_inputs(parser, user, args.image, args.prompt, batch=b)

@@ -4,6 +4,7 @@ loading a user's model with its processor (``--model``) into ready inputs."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from ..assets import DEMO_MODELS
-from ..models.classes import BY_MODEL_TYPE, SUPPORTED
+from ..models.classes import BY_MODEL_TYPE, SUPPORTED, vision_token_ids
 from ..vision_tokens import VisionWork, image_work, tokens_per_image
 
 DTYPES = {
@@ -229,16 +230,22 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def model_shape(config: Any) -> tuple[str, str]:
-    """Two lines describing a LLaVA config: the decoder, and the vision tower with its tokens per image."""
+    """Two lines describing a model config: the decoder, and the vision tower (with its tokens per image where
+    they do not depend on the image's size)."""
     t, v = config.text_config, config.vision_config
     kv = getattr(t, "num_key_value_heads", None) or t.num_attention_heads
-    text = (f"{getattr(config, 'name_or_path', '') or 'llava'}: {t.model_type} decoder {t.num_hidden_layers} layers "
-            f"x {t.hidden_size} ({t.num_attention_heads} heads, {kv} KV), MLP {t.intermediate_size}, "
-            f"vocab {t.vocab_size}")
-    vision = (f"{v.model_type.removesuffix('_vision_model').upper()} {v.num_hidden_layers} layers x {v.hidden_size}, "
-              f"{v.image_size} px / patch {v.patch_size} -> {tokens_per_image(config)} tokens per "
-              f"{'tile' if getattr(config, 'image_grid_pinpoints', None) is not None else 'image'}")
-    return text, vision
+    text = (f"{getattr(config, 'name_or_path', '') or config.model_type}: {t.model_type} decoder "
+            f"{t.num_hidden_layers} layers x {t.hidden_size} ({t.num_attention_heads} heads, {kv} KV), MLP "
+            f"{t.intermediate_size}, vocab {t.vocab_size}")
+    name = v.model_type.removesuffix("_vision_model").removesuffix("_vision").upper()
+    layers = getattr(v, "num_hidden_layers", None) or getattr(v, "depth", "?")
+    width = getattr(v, "hidden_size", None) or getattr(v, "embed_dim", "?")
+    try:
+        per = (f"{v.image_size} px / patch {v.patch_size} -> {tokens_per_image(config)} tokens per "
+               f"{'tile' if getattr(config, 'image_grid_pinpoints', None) is not None else 'image'}")
+    except (AttributeError, ValueError, TypeError):  # dynamic resolution: the count depends on the image
+        per = f"patch {getattr(v, 'patch_size', '?')}, tokens per image by its size"
+    return text, f"{name} {layers} layers x {width}, {per}"
 
 
 # ------------------------------------------------------------------------------------------ user's model
@@ -332,14 +339,16 @@ def load_user_model(parser: argparse.ArgumentParser, spec: str, dtype: torch.dty
         parser.error(f"--model {spec}: model_type {model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])}) "
                      f"is not a LLaVA-family model. DPVR-LF patches {', '.join(SUPPORTED)}; pass one "
                      f"of those checkpoints")
-    if BY_MODEL_TYPE[model_type].positions != "rope":
-        parser.error(f"--model {spec}: {BY_MODEL_TYPE[model_type].name} is supported by dpvr_kernels.patch() in "
-                     "Python, not yet by the command line (its M-RoPE inputs and cost model are not wired here); "
-                     "patch it in Python, or pass a LLaVA-family checkpoint")
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        processor, reason = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as exc:
+        processor, reason = None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+        if (importlib.util.find_spec("torchvision") is None
+                and (isinstance(exc, (ImportError, AttributeError)) or "torchvision" in str(exc).lower())):
+            # Qwen-VL, GLM-4V, InternVL, SmolVLM, Pixtral and OneVision processors cannot be built without it.
+            parser.error(f"--model {spec}: its processor could not be loaded ({reason}), and torchvision is not "
+                         f"installed: the processors of most classes other than LLaVA and LLaVA-NeXT need it. "
+                         f"pip install torchvision (a build matching your torch), then run again")
     else:
         reason = f"found only a {type(processor).__name__}"
     if processor is None or getattr(processor, "image_processor", None) is None:
@@ -399,6 +408,27 @@ def _chat_text(processor: Any, n_images: int, prompt: str) -> str:
     return token * n_images + "\n" + prompt
 
 
+def processor_budget(processor: Any) -> dict[str, int]:
+    """The image processor's size limits that decide how many vision tokens an image gives, as
+    :func:`~dpvr_kernels.vision_tokens.image_work` keywords: the pixel bounds of the Qwen and GLM processors
+    (``size["shortest_edge"]``/``["longest_edge"]`` are pixel counts there, or ``min_pixels``/``max_pixels``),
+    InternVL's ``max_patches``, Idefics3/SmolVLM's and Pixtral's ``size["longest_edge"]``."""
+    ip = getattr(processor, "image_processor", None)
+    size = getattr(ip, "size", None) or {}
+    get = size.get if isinstance(size, dict) else (lambda key: getattr(size, key, None))
+    name = type(ip).__name__
+    budget: dict[str, int] = {}
+    if name.startswith(("Qwen2VL", "Glm4v")):
+        low = getattr(ip, "min_pixels", None) or get("shortest_edge")
+        high = getattr(ip, "max_pixels", None) or get("longest_edge")
+        budget.update({k: int(v) for k, v in (("min_pixels", low), ("max_pixels", high)) if v})
+    elif name.startswith("GotOcr2") and getattr(ip, "max_patches", None):
+        budget["max_tiles"] = int(ip.max_patches)
+    elif name.startswith(("Idefics3", "SmolVLM", "Pixtral")) and get("longest_edge"):
+        budget["longest_edge"] = int(get("longest_edge"))
+    return budget
+
+
 def user_inputs(parser: argparse.ArgumentParser, user: UserModel, images: Sequence[str] | None, prompt: str | None,
                 batch: int = 1) -> UserInputs:
     """``--image``/``--prompt`` through the processor's chat template and the processor, ``batch`` copies.
@@ -433,13 +463,13 @@ def user_inputs(parser: argparse.ArgumentParser, user: UserModel, images: Sequen
     config = user.config
     multi = len(pictures) > 1
     work = None
+    budget = processor_budget(user.processor)
     try:
-        work = sum((image_work(config, h, w, multi_image=multi) for h, w in sizes), VisionWork(0, 0, 0))
+        work = sum((image_work(config, h, w, multi_image=multi, **budget) for h, w in sizes), VisionWork(0, 0, 0))
     except ValueError:
         work = None
     ids = kwargs["input_ids"][0]
-    vision_ids = [getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)]
-    counted = int(sum(int((ids == i).sum()) for i in vision_ids if i is not None))
+    counted = int(sum(int((ids == i).sum()) for i in vision_token_ids(config)))
     if work is not None and work.tokens != counted:
         log(f"inputs: the processor inserted {counted} image tokens where the cost model expects {work.tokens}; "
             f"the cost model counts them as whole images")

@@ -26,6 +26,7 @@ import dpvr_kernels
 
 from ..flops import cost_model
 from ..formatting import fmt_bytes, fmt_seconds, fmt_si, render_table
+from ..models.classes import vision_token_ids
 from ..presets import size_config
 from ..vision_tokens import tokens_per_image
 from . import demo_shipped
@@ -140,6 +141,8 @@ def _where(device: torch.device, threads_given: bool) -> str:
 
 
 def _vs(measured: float, ideal: float) -> str:
+    if ideal != ideal:  # no cost model for these inputs (NaN)
+        return f"{measured:.2f}x measured (no ideal: the cost model does not price these inputs)"
     return f"{measured:.2f}x measured vs {ideal:.2f}x ideal ({100 * measured / ideal:.0f} % of ideal)"
 
 
@@ -198,7 +201,7 @@ def _demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from ..models.cache import kv_cache_bytes
     from ..ops.backends import resolve_backend
     from ..reference import reference_forward
-    from ..workloads import generate_position_ids
+    from ..workloads import prompt_position_ids
 
     device = resolve_device(parser, args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -233,9 +236,8 @@ def _demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     kwargs = inputs.kwargs
     mask = inputs.attention_mask
-    positions = generate_position_ids(mask)
-    vision_ids = [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
-                  if i is not None]
+    positions = prompt_position_ids(model, mask)  # None for M-RoPE classes: the model derives them
+    vision_ids = vision_token_ids(config)
     is_vision = torch.zeros_like(mask, dtype=torch.bool)
     for token in vision_ids:
         is_vision |= inputs.input_ids == token

@@ -126,6 +126,18 @@ def model_class(model: nn.Module) -> ModelClass:
     )
 
 
+def vision_token_ids(config, row: ModelClass | None = None) -> list[int]:
+    """The placeholder ids of a class's vision inputs (image, video), from its config (``row``: the config's class)."""
+    row = row if row is not None else BY_MODEL_TYPE.get(getattr(config, "model_type", ""))
+    names = [v.token_id for v in row.inputs] if row is not None else ["image_token_id", "video_token_id"]
+    ids: list[int] = []
+    for name in names:
+        token = getattr(config, name, None)
+        if token is not None and token not in ids:
+            ids.append(int(token))
+    return ids
+
+
 def deepstack_layers(model: nn.Module, row: ModelClass) -> int:
     """How many of the decoder's first layers are followed by a deepstack injection (0 without deepstack)."""
     if not row.deepstack:
