@@ -15,7 +15,7 @@ test -x "$PY" || python3 -m venv "$VENV"
 "$PY" -m pip install -q "setuptools>=64" wheel
 "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q --no-deps torchvision==0.28.0
-"$PY" -m pip install -q ninja pybind11
+"$PY" -m pip install -q ninja pybind11 num2words  # num2words: SmolVLM's processor
 DPVR_NO_CUDA=1 "$PY" -m pip install -q -e ".[test]" --no-build-isolation
 "$PY" scripts/patch_torchvision.py
 "$PY" -c "import torchvision, transformers, dpvr_kernels; from transformers import Qwen2_5_VLProcessor; print(f'processors_env: torchvision {torchvision.__version__}, transformers {transformers.__version__}, dpvr_kernels OK')"

@@ -454,7 +454,9 @@ def user_inputs(parser: argparse.ArgumentParser, user: UserModel, images: Sequen
         except (UnidentifiedImageError, OSError) as exc:
             parser.error(f"--image {name}: not an image PIL can read ({exc}); pass a PNG or JPEG file")
     text = _chat_text(user.processor, len(pictures), prompt if prompt is not None else DEFAULT_PROMPT)
-    encoded = user.processor(images=pictures * batch, text=[text] * batch, return_tensors="pt", padding=True)
+    # Images nested per sample: what every processor takes for a batch (SmolVLM and Idefics3 need it).
+    encoded = user.processor(images=[list(pictures) for _ in range(batch)], text=[text] * batch, return_tensors="pt",
+                             padding=True)
     device = user.model.device if user.device_map else user.device
     dtype = user.model.dtype
     kwargs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in encoded.items()

@@ -1,5 +1,6 @@
-"""Tiny random Qwen2.5-VL and Qwen3-VL folders with their own processors (image + video processors, chat template),
-made offline. The Qwen processors need torchvision: these run in the processors environment only."""
+"""Tiny random Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V, InternVL, Mistral3 and SmolVLM folders with their own processors
+(image + video processors, chat template; small pixel budgets: a few dozen vision tokens per image), made offline.
+These processors need torchvision: they run in the processors environment only."""
 
 from __future__ import annotations
 
@@ -7,18 +8,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    PreTrainedTokenizerFast,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-    Qwen2VLImageProcessor,
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-    Qwen3VLProcessor,
-)
-from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+from transformers import PreTrainedTokenizerFast
 
 VOCAB = 160
 SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -29,8 +19,6 @@ CHAT_TEMPLATE = (
     "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> "
     "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}ASSISTANT :{% endif %}"
 )
-# Small pixel budgets: a few dozen vision tokens per image.
-MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 64 * 28 * 28
 
 
 def _special_tokenizer(special: list[str], extra: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
@@ -73,46 +61,67 @@ def _text(**kw):
             else MistralConfig(sliding_window=None, **common))
 
 
-def qwen_tokenizer() -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer with Qwen's vision special tokens."""
-    return _special_tokenizer(SPECIAL)
+GLM_SPECIAL = ["<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|video|>", "<|begin_of_video|>",
+               "<|end_of_video|>"]
 
 
 def make_qwen_folder(folder: Path, name: str = "qwen2_5_vl", layers: int = 4, seed: int = 1) -> Path:
-    """A tiny random Qwen2.5-VL (patch 14) or Qwen3-VL (patch 16, deepstack after layers 0 and 1) with its
-    processor, saved in ``folder``."""
-    tok = qwen_tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+    """A tiny random M-RoPE model with its processor, saved in ``folder``: Qwen2-VL, Qwen2.5-VL (patch 14),
+    Qwen3-VL (patch 16, deepstack after layers 0 and 1) or GLM-4V (partial rotary; its own image markers)."""
+    import transformers as T
+
+    glm = name == "glm4v"
+    special = GLM_SPECIAL if glm else SPECIAL
+    tok = _special_tokenizer(special)
+    ids = [tok.convert_tokens_to_ids(t) for t in special]
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024, bos_token_id=2, eos_token_id=3,
                 pad_token_id=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                  "mrope_section": [2, 3, 3]})
-    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    if name == "qwen2_5_vl":
-        patch = 14
-        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=patch,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, fullatt_block_indexes=[1],
-                      window_size=56)
-        cfg, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common), Qwen2_5_VLForConditionalGeneration
-        processor_cls, video_cls = Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if glm:
+        common = dict(image_start_token_id=ids[0], image_end_token_id=ids[1], image_token_id=ids[2],
+                      video_token_id=ids[3], video_start_token_id=ids[4], video_end_token_id=ids[5])
+        template = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>",
+                                         "<|begin_of_image|><|image|><|end_of_image|>")
     else:
-        patch = 16
+        common = dict(vision_start_token_id=ids[0], vision_end_token_id=ids[1], image_token_id=ids[2],
+                      video_token_id=ids[3])
+        template = CHAT_TEMPLATE
+    video_cls = T.models.qwen2_vl.video_processing_qwen2_vl.Qwen2VLVideoProcessor
+    image_cls = T.Qwen2VLImageProcessor
+    if name == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3)
+        prefix, processor_cls = "Qwen2VL", T.Qwen2VLProcessor
+    elif name == "qwen2_5_vl":
+        vision.update(fullatt_block_indexes=[1], window_size=56)
+        prefix, processor_cls = "Qwen2_5_VL", T.Qwen2_5_VLProcessor
+    elif name == "qwen3_vl":
         text.update(head_dim=16)
         text["rope_parameters"]["mrope_interleaved"] = True
-        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=patch,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, deepstack_visual_indexes=[0, 1],
-                      num_position_embeddings=64)
-        cfg, cls = Qwen3VLConfig(text_config=text, vision_config=vision, **common), Qwen3VLForConditionalGeneration
-        processor_cls, video_cls = Qwen3VLProcessor, Qwen3VLVideoProcessor
+        vision.update(patch_size=16, deepstack_visual_indexes=[0, 1], num_position_embeddings=64)
+        prefix, processor_cls = "Qwen3VL", T.Qwen3VLProcessor
+        video_cls = T.models.qwen3_vl.video_processing_qwen3_vl.Qwen3VLVideoProcessor
+    elif glm:
+        text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5})
+        vision.update(image_size=56)
+        prefix, processor_cls, image_cls = "Glm4v", T.Glm4vProcessor, T.Glm4vImageProcessor
+        video_cls = T.models.glm4v.video_processing_glm4v.Glm4vVideoProcessor
+    else:
+        raise ValueError(name)
+    cfg = getattr(T, f"{prefix}Config")(text_config=text, vision_config=vision, **common)
+    patch = vision["patch_size"]
     factor = patch * 2
     size = {"shortest_edge": 4 * factor * factor, "longest_edge": 64 * factor * factor}
-    image_processor = Qwen2VLImageProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2)
+    image_processor = image_cls(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2)
     video_processor = video_cls(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2)
     processor = processor_cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
-                              chat_template=CHAT_TEMPLATE)
+                              chat_template=template)
     torch.manual_seed(seed)
-    return _save(cls(cfg).eval(), processor, folder)
+    return _save(getattr(T, f"{prefix}ForConditionalGeneration")(cfg).eval(), processor, folder)
 
 
 def make_internvl_folder(folder: Path, seed: int = 3) -> Path:
@@ -164,3 +173,27 @@ def make_mistral3_folder(folder: Path, seed: int = 4) -> Path:
                          image_token_id=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2)
     torch.manual_seed(seed)
     return _save(Mistral3ForConditionalGeneration(cfg).eval(), processor, folder)
+
+
+def make_smolvlm_folder(folder: Path, seed: int = 5) -> Path:
+    """A tiny random SmolVLM (Llama decoder at ``model.model.text_model``; 56 px tiles of 4 tokens after a 2x pixel
+    shuffle, images up to 112 px: up to 2 x 2 tiles + the global image) with its processor (row/column and global
+    markers around ``<image>`` tokens: text under DPVR-LF)."""
+    import transformers as T
+
+    special = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", "<video>"]
+    tok = _special_tokenizer(special)
+    image_processor = T.SmolVLMImageProcessor(size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
+    video_processor = T.models.smolvlm.video_processing_smolvlm.SmolVLMVideoProcessor(
+        size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
+    processor = T.SmolVLMProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+                                   image_seq_len=4, chat_template=_chat_template("<image>"))
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                  patch_size=14)
+    text = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024, bos_token_id=2,
+                         eos_token_id=3, pad_token_id=1)
+    cfg = T.SmolVLMConfig(vision_config=vision, text_config=text.to_dict(), scale_factor=2,
+                          image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    return _save(T.SmolVLMForConditionalGeneration(cfg).eval(), processor, folder)

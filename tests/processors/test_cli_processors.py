@@ -1,5 +1,6 @@
-"""``demo``, ``bench`` and ``analyze --model`` on Qwen2.5-VL, Qwen3-VL, InternVL and Mistral3 folders with their own
-processors (which need torchvision: ``make processors-test`` runs these in their own environment). Each command
+"""``demo``, ``bench`` and ``analyze --model`` on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V, InternVL, Mistral3 and
+SmolVLM folders with their own processors (which need torchvision: ``make processors-test`` runs these in their own
+environment). Each command
 routes the processor's vision tokens, checks numerics against ``reference_forward``, and prices exactly the
 tokens the processor inserted (the image processor's pixel budget read from the folder)."""
 
@@ -11,13 +12,20 @@ import re
 import pytest
 import torch
 from model_folder import make_png
-from processor_folders import make_internvl_folder, make_mistral3_folder, make_qwen_folder
+from processor_folders import (
+    make_internvl_folder,
+    make_mistral3_folder,
+    make_qwen_folder,
+    make_smolvlm_folder,
+)
 
 from dpvr_kernels.cli import main
 
-NAMES = ["qwen2_5_vl", "qwen3_vl", "internvl", "mistral3"]
-MAKERS = {"qwen2_5_vl": lambda d: make_qwen_folder(d, "qwen2_5_vl"), "qwen3_vl": lambda d: make_qwen_folder(d, "qwen3_vl"),
-          "internvl": make_internvl_folder, "mistral3": make_mistral3_folder}
+MROPE = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"]
+NAMES = [*MROPE, "internvl", "mistral3", "smolvlm"]
+MAKERS = {**{name: (lambda d, name=name: make_qwen_folder(d, name)) for name in MROPE},
+          "internvl": make_internvl_folder, "mistral3": make_mistral3_folder,
+          "smolvlm": make_smolvlm_folder}
 
 
 @pytest.fixture(autouse=True)
