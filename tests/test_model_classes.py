@@ -225,16 +225,19 @@ def test_static_cache_generate_equals_dynamic(name):
     assert torch.equal(dynamic, static)
 
 
-@pytest.mark.parametrize("name", ["internvl", "smolvlm"])
-def test_hf_compiled_generation_with_static_cache(name):
-    """transformers' compiled decode (compile_config + static cache) on a Qwen2 decoder (InternVL) and on a
-    decoder at model.model.text_model (SmolVLM): eager's tokens, one graph for every decode step."""
+@pytest.mark.parametrize("name, backend", [("internvl", "inductor"), ("smolvlm", "inductor")]
+                         + [(n, "eager") for n in FAMILIES if n not in ("internvl", "smolvlm")])
+def test_hf_compiled_generation_with_static_cache(name, backend):
+    """transformers' compiled decode (compile_config + static cache, fullgraph: a graph break fails) for every
+    class: eager's tokens, one graph for every decode step. Inductor on a Qwen2 decoder (InternVL) and on a decoder
+    at model.model.text_model (SmolVLM); Dynamo with the eager backend (the same graph capture, no code
+    generation: seconds) on the others."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
     model = dpvr_kernels.patch(tiny_family(name, seed=20, layers=4), route_layer=1)
     batch = family_batch(model, _layouts(name), seed=21)
-    config = CompileConfig(fullgraph=True, mode="default", dynamic=None)
+    config = CompileConfig(fullgraph=True, mode="default", dynamic=None, backend=backend)
     config._compile_all_devices = True  # transformers compiles on CUDA only unless told
     torch._dynamo.reset()
     counters.clear()

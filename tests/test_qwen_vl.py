@@ -123,16 +123,19 @@ def test_deepstack_is_added_before_the_route(name):
         dpvr_kernels.patch(tiny_qwen(name), route_layer=DEEPSTACK - 1)
 
 
-def test_hf_compiled_generation_with_static_cache():
+@pytest.mark.parametrize("name, backend", [("qwen2_5_vl", "inductor")]
+                         + [(n, "eager") for n in CLASSES if n != "qwen2_5_vl"])
+def test_hf_compiled_generation_with_static_cache(name, backend):
     """transformers' compiled decode (compile_config + static cache, set up on the model's generation_config as
     the transformers docs do), with M-RoPE positions continued from ``rope_deltas``: the same tokens as eager,
-    one graph for every decode step (fullgraph: no graph break)."""
+    one graph for every decode step (fullgraph: no graph break). Inductor on Qwen2.5-VL; Dynamo with the eager
+    backend (the same graph capture, no code generation) on the other classes."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
-    model = dpvr_kernels.patch(tiny_qwen("qwen2_5_vl", seed=13), route_layer=2)
-    batch = qwen_batch(model, LAYOUTS, seed=14)
-    config = CompileConfig(fullgraph=True, mode="default", dynamic=None)
+    model = dpvr_kernels.patch(tiny_qwen(name, seed=13), route_layer=2)
+    batch = qwen_batch(model, layouts(name), seed=14)
+    config = CompileConfig(fullgraph=True, mode="default", dynamic=None, backend=backend)
     config._compile_all_devices = True  # transformers compiles on CUDA only unless told
     torch._dynamo.reset()
     counters.clear()
