@@ -50,9 +50,11 @@ from .config import as_int
 
 __all__ = [
     "DYNAMIC_TYPES",
+    "LLAVA_TYPES",
     "GRID_TYPES",
     "VisionWork",
     "anyres_grid",
+    "check_modelled",
     "fit_pixels",
     "grid_work",
     "image_grid",
@@ -122,6 +124,23 @@ def _has_cls(config: Any) -> bool:
     return getattr(config.vision_config, "model_type", "") != "siglip_vision_model"
 
 
+#: The LLaVA-family model types whose towers and token counts are modelled by the LLaVA rules above.
+LLAVA_TYPES: tuple[str, ...] = ("llava", "llava_next", "llava_next_video", "llava_onevision", "vipllava")
+
+
+def check_modelled(config: Any) -> None:
+    """ValueError unless the config's vision tokens are modelled here (the LLaVA family, :data:`DYNAMIC_TYPES`):
+    a tower of another class (DeepSeek-VL, Janus, Ovis2, FastVLM, PerceptionLM, ...) may look like a CLIP or
+    SigLIP tower and still give another count, so it is refused rather than priced wrongly."""
+    model_type = _model_type(config)
+    if model_type and model_type not in LLAVA_TYPES and model_type not in DYNAMIC_TYPES:
+        raise ValueError(
+            f"the vision tokens of model_type {model_type!r} are not modelled by dpvr_kernels' cost model (it models "
+            f"{', '.join(LLAVA_TYPES + DYNAMIC_TYPES)}); price the decoder alone: cost_model(config.text_config, "
+            f"vision_tokens, text_tokens), with the vision-token count the processor inserts"
+        )
+
+
 def tokens_per_image(config: Any) -> int:
     """Tokens one tower pass (one image for LLaVA-1.5; one tile for anyres models) gives the decoder.
 
@@ -130,6 +149,7 @@ def tokens_per_image(config: Any) -> int:
     """
     if getattr(config, "vision_config", None) is None:
         return 0
+    check_modelled(config)
     rows, cols = _patch_grid(config)
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
@@ -200,6 +220,7 @@ def image_work(config: Any, height: int | None = None, width: int | None = None,
     Raises:
         ValueError: for an anyres or dynamic-resolution model without the image size.
     """
+    check_modelled(config)
     if _model_type(config) in DYNAMIC_TYPES:
         return _dynamic_image_work(config, height, width, min_pixels, max_pixels, max_tiles, longest_edge)
     per_tile = tokens_per_image(config)
@@ -243,6 +264,7 @@ def video_work(config: Any, frames: int, height: int | None = None, width: int |
     frames = as_int(frames, "frames")
     if frames < 1:
         raise ValueError(f"a video needs at least one frame, got frames={frames}")
+    check_modelled(config)
     if _model_type(config) in DYNAMIC_TYPES:
         return grid_work(config, *video_grid(config, frames, height, width, min_pixels, max_pixels), video=True)
     rows, cols = _patch_grid(config)

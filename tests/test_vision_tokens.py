@@ -211,3 +211,19 @@ def test_siglip_has_no_cls_token():
     cfg = named_config("llava-onevision-7b")
     assert tokens_per_image(cfg) == 27 * 27
     assert tokens_per_image(named_config("llava-1.5-7b")) == 576
+
+
+@pytest.mark.parametrize("name", ["deepseek_vl", "janus", "ovis2", "fast_vlm", "perception_lm"])
+def test_unmodelled_towers_are_refused_not_priced(name):
+    """Found by review: DeepSeek-VL's SigLIP tower looked like LLaVA-OneVision's and was priced with LLaVA's rules
+    (15 tokens per image where the model gives 16). Classes the cost model does not model are refused by name."""
+    from families import tiny_family
+
+    from dpvr_kernels.flops import cost_model
+
+    config = tiny_family(name).config
+    with pytest.raises(ValueError, match=rf"model_type '{name}' are not modelled.*config.text_config"):
+        image_work(config, 56, 56)
+    with pytest.raises(ValueError, match="not modelled"):
+        cost_model(config, 16, 10)
+    assert cost_model(config.text_config, 16, 10).image_tokens == 16  # the decoder alone is priced

@@ -369,8 +369,21 @@ def load_user_model(parser: argparse.ArgumentParser, spec: str, dtype: torch.dty
     cls = getattr(transformers, BY_MODEL_TYPE[model_type].name)
     log(f"model: loading {spec} as {cls.__name__} ({dtype_name(dtype)}, "
         f"{'device_map=auto' if device_map else device})")
-    model = cls.from_pretrained(source, local_files_only=True, dtype=dtype, attn_implementation=attn,
-                                device_map=device_map)
+
+    def load(attn_implementation: str | dict[str, str]) -> Any:
+        return cls.from_pretrained(source, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation,
+                                   device_map=device_map)
+
+    try:
+        model = load(attn)
+    except ValueError as exc:
+        # ``attn`` is meant for the decoder (the attention DPVR-LF patches), but a string applies to every sub-model,
+        # and a vision tower without that implementation (a convolutional one, e.g. FastVLM with a ConvNeXt tower)
+        # refuses it: ask it of the decoder only, the tower keeps its default.
+        if "does not support an attention implementation" not in str(exc):
+            raise
+        log(f"model: the vision tower has no {attn!r} attention; {attn!r} for the decoder only")
+        model = load({"": attn, "text_config": attn})
     if device_map is None:
         model = model.to(device)
     return UserModel(model.eval(), processor, spec, device, device_map)
