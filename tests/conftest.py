@@ -19,6 +19,15 @@ if not torch.cuda.is_available() and not os.environ.get("DPVR_VLLM_TESTS"):
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models are overhead-bound: one thread is faster and steadier on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

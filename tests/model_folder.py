@@ -68,18 +68,24 @@ def make_llava_folder(folder: Path, image_size: int = 28, patch: int = 14, layer
     cfg = LlavaConfig(text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                       vision_feature_select_strategy="default", vision_feature_layer=-2)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # larger random weights so greedy answers are not one repeated token
+    return save_folder(LlavaForConditionalGeneration(cfg).eval(), processor, folder)
+
+
+def save_folder(model, processor, folder: Path, scale: float = 4.0) -> Path:
+    """``model`` and ``processor`` saved in ``folder``, the model's matrices scaled by ``scale`` first: larger random
+    weights, so that greedy answers are not one repeated token."""
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
-                p.mul_(4.0)
+                p.mul_(scale)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 
 
-def make_llava_next_folder(folder: Path, layers: int = 4, seed: int = 2) -> Path:
+def make_llava_next_folder(folder: Path, layers: int = 4, seed: int = 2, hidden: int = 64, heads: int = 4,
+                           kv_heads: int = 2, max_positions: int = 256) -> Path:
     """A tiny random ``LlavaNextForConditionalGeneration`` (anyres 28 px tiles, grids up to 2 x 2) with its
     ``LlavaNextProcessor`` (the PIL image processor: no torchvision needed) saved in ``folder``."""
     tokenizer = word_tokenizer()
@@ -89,7 +95,7 @@ def make_llava_next_folder(folder: Path, layers: int = 4, seed: int = 2) -> Path
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
                                    patch_size=14, vision_feature_select_strategy="default",
                                    num_additional_image_tokens=1)
-    text = backbone_config(layers)
+    text = backbone_config(layers, hidden, heads, kv_heads, max_positions=max_positions)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=28, patch_size=14)
     cfg = LlavaNextConfig(text_config=text, vision_config=vision,

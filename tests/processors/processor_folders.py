@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from model_folder import save_folder
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -44,21 +45,10 @@ def _ids(tokenizer, tokens: list[str]) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
 
 
-def _save(model, processor, folder: Path) -> Path:
-    with torch.no_grad():  # larger random weights so greedy answers are not one repeated token
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4.0)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def _build(folder: Path, seed: int, model_cls, config, processor) -> Path:
     """``model_cls(config)`` with seeded random weights, saved in ``folder`` with ``processor``."""
     torch.manual_seed(seed)
-    return _save(model_cls(config).eval(), processor, folder)
+    return save_folder(model_cls(config).eval(), processor, folder)
 
 
 def _text(backbone: str = "llama", **kw):

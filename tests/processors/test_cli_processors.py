@@ -10,7 +10,6 @@ import csv
 import re
 
 import pytest
-import torch
 from model_folder import make_png
 from processor_folders import (
     make_deepseek_folder,
@@ -46,12 +45,7 @@ UNPRICED = {"deepseek_vl": 32, "deepseek_vl_hybrid": 32, "janus": 32, "fast_vlm"
             "perception_lm": 40}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
