@@ -1,15 +1,24 @@
-"""vLLM serving throughput, stock vs the DPVR-LF plugin (issue 15), in vLLM's environment: ``make vllm-bench``.
+"""vLLM serving, the DPVR-LF plugin against stock vLLM at its defaults, in vLLM's environment: ``make vllm-bench``.
 
-Eight requests (one 576-token image each, prompts of different lengths) submitted together to one engine with
-``max_num_seqs=8``; the same random LLaVA-1.5-shaped model (scaled to run on a CPU) served stock and as a DPVR-LF
-checkpoint, both with the plugin's engine flags (``REQUIRED_ENGINE_ARGS``) so only the model differs. Two
-workloads: prefill throughput (1 new token: the ideal is the cost model's prefill FLOP ratio) and generation
-(32 new tokens each: output tokens/s). Not collected by ``make test`` (tests and benchmarks conftest).
+The same random LLaVA-1.5-shaped model (scaled to run on a CPU: 12 layers x 384, 576 vision tokens per image)
+served stock and as a DPVR-LF checkpoint. Stock runs as users run it: vLLM's defaults (compiled graphs, chunked
+prefill, prefix caching); only the model, dtype, context length and image limit are set. The plugin runs vLLM's
+default compilation with the two flags it still needs (``REQUIRED_ENGINE_ARGS``: no chunked prefill, no prefix
+caching). Workloads, each at the concurrency in its name (that many requests submitted together):
+
+* **unique images**: every round draws new images, so no request can reuse another's cached blocks; prefill
+  (1 new token: the ideal is the cost model's prefill FLOP ratio) and generation (32 new tokens each);
+* **multi-turn**: each conversation asks three questions about its image, each turn sending the conversation so
+  far (the previous answers included); new images every round. Stock's prefix cache serves turns 2 and 3 from the
+  blocks of turn 1; the plugin recomputes them.
+
+Not collected by ``make test`` (tests and benchmarks conftest).
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import sys
 
@@ -18,20 +27,22 @@ from timing import QUICK, measure, median_s
 
 HERE = os.path.dirname(__file__)
 sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "tests", "vllm_plugin")]
-from vllm_folders import BENCH_SIZE, bench_requests, make_dpvr_folder, make_stock_folder  # noqa: E402
+from vllm_folders import BENCH_SIZE, bench_question, bench_requests, make_dpvr_folder, make_stock_folder  # noqa: E402
 
 from dpvr_kernels import cost_model  # noqa: E402
 from dpvr_kernels.vllm import REQUIRED_ENGINE_ARGS  # noqa: E402
 
 pytest.importorskip("vllm", reason="the vLLM environment: make vllm-env && make vllm-bench")
 
-CONCURRENT = 8
 NEW_TOKENS = 32
+TURN_TOKENS = 16
 SIZE = dict(hidden=128, heads=2, kv_heads=2, layers=4, image_size=56) if QUICK else BENCH_SIZE
-
-
-def requests() -> list[dict]:
-    return bench_requests(CONCURRENT)
+ENGINES = {
+    "stock": ("stock vLLM, defaults (compiled, chunked prefill, prefix caching)", {}),
+    "dpvr": ("DPVR-LF plugin (compiled; no chunked prefill, no prefix caching)", REQUIRED_ENGINE_ARGS),
+}
+ROUNDS = {1: 7, 8: 5, 32: 3}
+_SEEDS = itertools.count(1000)  # a new image set for every round: no cross-round cache hits
 
 
 @pytest.fixture(scope="module")
@@ -41,42 +52,81 @@ def folders(tmp_path_factory):
     return {"stock": stock, "dpvr": make_dpvr_folder(stock, root / "dpvr", route_layer=None)}
 
 
-@pytest.fixture(scope="module", params=["stock", "dpvr"])
+@pytest.fixture(scope="module", params=list(ENGINES))
 def engine(request, folders):
     from vllm import LLM
 
-    llm = LLM(model=str(folders[request.param]), dtype="float32", max_model_len=1024, max_num_seqs=CONCURRENT,
-              max_num_batched_tokens=CONCURRENT * 1024, limit_mm_per_prompt={"image": 1}, seed=0,
-              **REQUIRED_ENGINE_ARGS)
+    _, flags = ENGINES[request.param]
+    llm = LLM(model=str(folders[request.param]), dtype="float32", max_model_len=2048,
+              limit_mm_per_prompt={"image": 1}, seed=0, **flags)
     yield request.param, llm
     del llm
     gc.collect()
 
 
-def ideal_prefill(folders) -> float:
+def _label(which: str) -> str:
+    return ENGINES[which][0]
+
+
+def ideal_prefill(folders, requests: list[dict]) -> float:
     from transformers import AutoConfig, AutoProcessor
 
     config = AutoConfig.from_pretrained(folders["dpvr"])
     tok = AutoProcessor.from_pretrained(folders["dpvr"]).tokenizer
     image_tokens = (SIZE["image_size"] // 14) ** 2
-    text = sum(len(tok(r["prompt"])["input_ids"]) - 1 for r in requests()) // CONCURRENT  # minus <image>
-    return cost_model(config, image_tokens=image_tokens, text_tokens=text, batch=CONCURRENT,
+    text = sum(len(tok(r["prompt"])["input_ids"]) - 1 for r in requests) // len(requests)  # minus <image>
+    return cost_model(config, image_tokens=image_tokens, text_tokens=text, batch=len(requests),
                       route_layer=config.dpvr["route_layer"]).ideal_prefill_speedup
 
 
+@pytest.mark.parametrize("concurrency", [1, 8, 32])
 @pytest.mark.parametrize("new_tokens", [1, NEW_TOKENS], ids=["prefill", "generate"])
-def test_vllm_serving_throughput(benchmark, record, engine, folders, new_tokens):
+def test_unique_images(benchmark, record, engine, folders, new_tokens, concurrency):
     from vllm import SamplingParams
 
     which, llm = engine
-    reqs = requests()
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
-    outs = llm.generate(reqs, params, use_tqdm=False)
+    outs = llm.generate(bench_requests(concurrency, seed=next(_SEEDS)), params, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
-    measure(benchmark, lambda: llm.generate(reqs, params, use_tqdm=False), rounds=7, warmup=1)
+
+    def fresh():
+        return (bench_requests(concurrency, seed=next(_SEEDS)),), {}
+
+    measure(benchmark, lambda reqs: llm.generate(reqs, params, use_tqdm=False), setup=fresh,
+            rounds=ROUNDS[concurrency], warmup=1)
     median = median_s(benchmark)
-    rate = f"{CONCURRENT * new_tokens / median:.1f} output tok/s" if median else ""
-    ideal = ideal_prefill(folders) if which == "dpvr" and new_tokens == 1 else None
-    record(benchmark, group=f"vLLM {CONCURRENT} concurrent requests, {new_tokens} new token(s) each",
-           name=f"{which} vLLM" + (" + DPVR-LF plugin" if which == "dpvr" else ""), baseline=which == "stock",
-           ideal=ideal, note=rate)
+    rate = f"{concurrency * new_tokens / median:.1f} output tok/s" if median else ""
+    ideal = ideal_prefill(folders, bench_requests(concurrency)) if which == "dpvr" and new_tokens == 1 else None
+    record(benchmark, group=f"unique images, {concurrency} concurrent request(s), {new_tokens} new token(s) each",
+           name=_label(which), baseline=which == "stock", ideal=ideal, note=rate)
+
+
+def _conversation_turns(llm, concurrency: int, seed: int) -> int:
+    """Three turns of ``concurrency`` conversations about one new image each; returns the output tokens."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=TURN_TOKENS, min_tokens=TURN_TOKENS, ignore_eos=True)
+    convs = bench_requests(concurrency, seed=seed)
+    made = 0
+    for turn in range(3):
+        outs = llm.generate(convs, params, use_tqdm=False)
+        made += sum(len(o.outputs[0].token_ids) for o in outs)
+        convs = [{"prompt": f"{c['prompt']}{o.outputs[0].text} USER : {bench_question(i + turn + 1)} ASSISTANT :",
+                  "multi_modal_data": c["multi_modal_data"]} for i, (c, o) in enumerate(zip(convs, outs, strict=True))]
+    return made
+
+
+@pytest.mark.parametrize("concurrency", [8])
+def test_multi_turn(benchmark, record, engine, concurrency):
+    which, llm = engine
+    assert _conversation_turns(llm, concurrency, next(_SEEDS)) == 3 * concurrency * TURN_TOKENS
+
+    def fresh():
+        return (next(_SEEDS),), {}
+
+    measure(benchmark, lambda seed: _conversation_turns(llm, concurrency, seed), setup=fresh, rounds=5, warmup=1)
+    median = median_s(benchmark)
+    rate = f"{3 * concurrency * TURN_TOKENS / median:.1f} output tok/s" if median else ""
+    record(benchmark, group=f"multi-turn, {concurrency} conversations x 3 questions about one image, "
+                            f"{TURN_TOKENS} new tokens per answer", name=_label(which), baseline=which == "stock",
+           note=rate)

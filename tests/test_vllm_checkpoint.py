@@ -34,9 +34,14 @@ def test_prepare_checkpoint_refuses_what_the_plugin_cannot_serve(tmp_path):
     stock = make_llava_folder(tmp_path / "stock")
     with pytest.raises(ValueError, match="no 'dpvr' settings.*dpvr_kernels.patch"):
         prepare_checkpoint(stock)
-    nxt = make_llava_next_folder(tmp_path / "next")
-    with pytest.raises(ValueError, match="model_type is 'llava_next'"):
+    nxt = make_llava_next_folder(tmp_path / "next")  # a class the plugin serves, not yet patched
+    with pytest.raises(ValueError, match="no 'dpvr' settings"):
         prepare_checkpoint(nxt)
+    from transformers import Qwen2VLConfig
+
+    Qwen2VLConfig().save_pretrained(tmp_path / "qwen")
+    with pytest.raises(ValueError, match="model_type is 'qwen2_vl'.*LLaVA-1.5 and LLaVA-NeXT.*dpvr_kernels.patch"):
+        prepare_checkpoint(tmp_path / "qwen")
 
 
 def _saved_patched(tmp_path, name: str = "dpvr"):

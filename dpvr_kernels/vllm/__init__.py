@@ -6,7 +6,7 @@ installed in vLLM's environment. A checkpoint saved by ``save_pretrained`` of a 
 served as usual::
 
     python -c "import dpvr_kernels.vllm as v; v.prepare_checkpoint('my-dpvr-llava')"
-    vllm serve my-dpvr-llava --enforce-eager --no-enable-prefix-caching --no-enable-chunked-prefill
+    vllm serve my-dpvr-llava --no-enable-prefix-caching --no-enable-chunked-prefill
 
 The model (``dpvr_kernels.vllm.model``) needs exactly vLLM ``TESTED_VLLM_VERSION`` and the engine flags in
 ``REQUIRED_ENGINE_ARGS``; it refuses other settings with an error that names the fix.
@@ -23,21 +23,24 @@ from collections.abc import Iterable
 from ..models.backbone import SIDE_BRANCH
 from ..models.checkpoint import saved_tensors
 
-__all__ = ["ARCHITECTURE", "REQUIRED_ENGINE_ARGS", "TESTED_VLLM_VERSION", "check_side_branch_weights",
+__all__ = ["ARCHITECTURE", "ARCHITECTURES", "REQUIRED_ENGINE_ARGS", "TESTED_VLLM_VERSION", "check_side_branch_weights",
            "check_vllm_version", "checkpoint_route", "llava_hf_key", "prepare_checkpoint", "register"]
 
 TESTED_VLLM_VERSION = "0.32.0"
 """The vLLM release the plugin was built and tested against; any other version is refused."""
 
 ARCHITECTURE = "DPVRLlavaForConditionalGeneration"
-"""The architecture name the plugin registers, written into ``config.json`` by :func:`prepare_checkpoint`."""
+"""The architecture of a DPVR-LF LLaVA checkpoint, written into ``config.json`` by :func:`prepare_checkpoint`."""
 
-REQUIRED_ENGINE_ARGS = {"enforce_eager": True, "enable_prefix_caching": False, "enable_chunked_prefill": False}
-"""Engine settings the plugin needs (``LLM(**REQUIRED_ENGINE_ARGS, ...)``; CLI ``--enforce-eager
---no-enable-prefix-caching --no-enable-chunked-prefill``). Each prompt is then prefilled whole in one step (its
-vision tokens meet the side branch together) and no request starts from another's cached blocks (the deep
-layers' text-only KV is keyed by each request's own blocks); eager mode because the deep layers' attention
-metadata is rewritten per step in Python."""
+ARCHITECTURES = {"llava": ARCHITECTURE, "llava_next": "DPVRLlavaNextForConditionalGeneration"}
+"""The architecture the plugin registers for each ``model_type`` it serves (one class each in ``model.py``)."""
+
+REQUIRED_ENGINE_ARGS = {"enable_prefix_caching": False, "enable_chunked_prefill": False}
+"""Engine settings the plugin needs (``LLM(**REQUIRED_ENGINE_ARGS, ...)``; CLI ``--no-enable-prefix-caching
+--no-enable-chunked-prefill``). Each prompt is then prefilled whole in one step (its vision tokens meet the side
+branch together) and no request starts from another's cached blocks (the deep layers' text-only KV is keyed by
+each request's own blocks). vLLM's compilation (its default) or ``enforce_eager`` both work: the three layer
+ranges are compiled modules, the routing between them runs eagerly."""
 
 
 _FLAT_CLIP = re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)")
@@ -96,7 +99,7 @@ def check_vllm_version() -> None:
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: register the DPVR LLaVA class with vLLM's model registry.
+    """The ``vllm.general_plugins`` entry point: register the DPVR classes with vLLM's model registry.
 
     Registered lazily by name, so vLLM imports ``dpvr_kernels.vllm.model`` (and checks its version) only when a
     DPVR checkpoint is served.
@@ -107,9 +110,10 @@ def register() -> None:
     if vllm.__version__ != TESTED_VLLM_VERSION:  # the model refuses to import; say why where users look first
         logging.getLogger(__name__).warning(
             "dpvr_kernels: the DPVR-LF vLLM plugin is tested with vLLM %s only, this is %s; DPVR checkpoints "
-            "(%s) will fail to load", TESTED_VLLM_VERSION, vllm.__version__, ARCHITECTURE)
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, f"{__name__}.model:DPVRLlavaForConditionalGeneration")
+            "(%s) will fail to load", TESTED_VLLM_VERSION, vllm.__version__, ", ".join(ARCHITECTURES.values()))
+    for arch in ARCHITECTURES.values():
+        if arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(arch, f"{__name__}.model:{arch}")
 
 
 def prepare_checkpoint(path: str | os.PathLike) -> str:
@@ -125,10 +129,11 @@ def prepare_checkpoint(path: str | os.PathLike) -> str:
         raise FileNotFoundError(f"no config.json in {os.fspath(path)!r}: pass the folder that save_pretrained wrote")
     with open(config_path) as f:
         config = json.load(f)
-    if config.get("model_type") != "llava":
+    if config.get("model_type") not in ARCHITECTURES:
         raise ValueError(
-            f"{config_path}: model_type is {config.get('model_type')!r}; the vLLM plugin serves LLaVA-1.5-style "
-            "checkpoints (model_type 'llava', LlavaForConditionalGeneration) only"
+            f"{config_path}: model_type is {config.get('model_type')!r}; the vLLM plugin serves LLaVA-1.5 and "
+            f"LLaVA-NeXT checkpoints (model_type {' or '.join(map(repr, ARCHITECTURES))}); serve other classes "
+            "with transformers (dpvr_kernels.patch)"
         )
     if not isinstance(config.get("dpvr"), dict):
         raise ValueError(
@@ -143,7 +148,7 @@ def prepare_checkpoint(path: str | os.PathLike) -> str:
         check_side_branch_weights((key for key, _ in saved_tensors(os.fspath(path))), route)
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from None
-    config["architectures"] = [ARCHITECTURE]
+    config["architectures"] = [ARCHITECTURES[config["model_type"]]]
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")

@@ -38,11 +38,13 @@ from . import (
 
 check_vllm_version()
 
+from vllm.compilation.decorators import support_torch_compile  # noqa: E402
 from vllm.config import VllmConfig  # noqa: E402
 from vllm.distributed import get_pp_group  # noqa: E402
 from vllm.forward_context import get_forward_context  # noqa: E402
 from vllm.model_executor.models.llama import LlamaDecoderLayer  # noqa: E402
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration  # noqa: E402
+from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration  # noqa: E402
 from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 
 from ..models.attention import attend_segments  # noqa: E402
@@ -50,17 +52,15 @@ from ..ops import fuse_merge, route_split  # noqa: E402
 from ..plan import build_route_plan_from_mask  # noqa: E402
 from .kv_cache import text_only_spec  # noqa: E402
 
-__all__ = ["DPVRLlavaForConditionalGeneration", "SideBranchAttention"]
+__all__ = ["DPVRLlavaForConditionalGeneration", "DPVRLlavaNextForConditionalGeneration", "SideBranchAttention"]
 
 SUPPORTED_ATTENTION_BACKENDS = ("CPU_ATTN",)
 """Attention backends whose metadata rewrite is tested (vLLM's CPU build)."""
 
 
-def _refuse_engine_settings(vllm_config: VllmConfig) -> None:
+def _refuse_engine_settings(vllm_config: VllmConfig, name: str = ARCHITECTURE) -> None:
     """The engine settings DPVR-LF needs (see ``REQUIRED_ENGINE_ARGS``), or an error that names the fix."""
     wrong = []
-    if not vllm_config.model_config.enforce_eager:
-        wrong.append("enforce_eager=True (--enforce-eager)")
     if vllm_config.cache_config.enable_prefix_caching:
         wrong.append("enable_prefix_caching=False (--no-enable-prefix-caching)")
     if vllm_config.scheduler_config.enable_chunked_prefill:
@@ -80,7 +80,7 @@ def _refuse_engine_settings(vllm_config: VllmConfig) -> None:
         wrong.append("no KV connector (kv_transfer_config): a request must be prefilled here, from its own blocks")
     if wrong:
         raise ValueError(
-            f"{ARCHITECTURE} (DPVR-LF) needs " + ", ".join(wrong) + f"; the full set is {REQUIRED_ENGINE_ARGS}. "
+            f"{name} (DPVR-LF) needs " + ", ".join(wrong) + f"; the full set is {REQUIRED_ENGINE_ARGS}. "
             "Each prompt must be prefilled whole in one step, from its own KV blocks, in eager mode"
         )
 
@@ -110,22 +110,75 @@ class SideBranchAttention(nn.Module):
         return out.reshape(n, self.num_heads * self.head_size)
 
 
+class _LayerRange(nn.Module):
+    """Consecutive decoder layers on one token set, as one module that vLLM compiles (its default compilation
+    mode: Dynamo + Inductor, attention left as vLLM's own op between compiled pieces). The routing between the
+    ranges is host logic (plan, metadata) and stays eager, the way vLLM's KV-sharing fast prefill splits Gemma3n
+    into compiled decoders around an eager subset step. The layers are held in a plain list: their weights stay
+    registered (and loaded) where the stock model has them."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layers: list[nn.Module],
+                 norm: nn.Module | None = None):
+        super().__init__()
+        self.layers = list(layers)
+        self.norm = [norm] if norm is not None else []  # a list too: the decoder's norm, not a copy
+
+    def run(self, positions: Tensor, hidden_states: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        if self.norm:
+            hidden_states, residual = self.norm[0](hidden_states, residual)
+        return hidden_states, residual
+
+
+# One class per range, each with a forward of its own: vLLM keys a compiled module's on-disk (AOT) artifacts by its
+# forward's qualified name and line, so ranges sharing one forward would overwrite each other's compiled code.
+_DYNAMIC = {"positions": 0, "hidden_states": 0, "residual": 0}
+
+
+@support_torch_compile(dynamic_arg_dims=_DYNAMIC)
+class _FullLayers(_LayerRange):
+    """Layers ``[0, r)``: every token."""
+
+    def forward(self, positions: Tensor, hidden_states: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        return self.run(positions, hidden_states, residual)
+
+
+@support_torch_compile(dynamic_arg_dims=_DYNAMIC)
+class _TextStream(_LayerRange):
+    """Layers ``[r, N-f)``: the text tokens, with the deep layers' own attention metadata in the forward context."""
+
+    def forward(self, positions: Tensor, hidden_states: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        return self.run(positions, hidden_states, residual)
+
+
+@support_torch_compile(dynamic_arg_dims=_DYNAMIC)
+class _FusionLayers(_LayerRange):
+    """Layers ``[N-f, N)`` and the final norm: every token."""
+
+    def forward(self, positions: Tensor, hidden_states: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        return self.run(positions, hidden_states, residual)
+
+
 def _text_only_kv_cache_spec(attn: nn.Module, vllm_config: VllmConfig):
     return text_only_spec(type(attn).get_kv_cache_spec(attn, vllm_config))
 
 
-class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """vLLM's LLaVA with DPVR-LF: route at layer ``r``, a one-layer side branch, text-only layers ``[r, N-f)``
-    with a text-only KV cache, fusion layers ``[N-f, N)``. Settings from ``config.dpvr`` of the checkpoint."""
+class _DPVRForConditionalGeneration:
+    """DPVR-LF on one of vLLM's LLaVA-family classes (mixed in before it): route at layer ``r``, a one-layer side
+    branch, text-only layers ``[r, N-f)`` with a text-only KV cache, fusion layers ``[N-f, N)``. Settings from
+    ``config.dpvr`` of the checkpoint. The vision tokens are vLLM's own placeholders of the step (image tiles and
+    newline rows included, as the HF class counts them), so any class whose decoder is ``language_model.model``
+    works the same way."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        _refuse_engine_settings(vllm_config)
+        _refuse_engine_settings(vllm_config, type(self).__name__)
         config = vllm_config.model_config.hf_config
         saved = getattr(config, "dpvr", None)
         if not isinstance(saved, dict):
             raise ValueError(
-                f"{ARCHITECTURE}: the checkpoint's config.json has no 'dpvr' settings; save the model after "
+                f"{type(self).__name__}: the checkpoint's config.json has no 'dpvr' settings; save the model after "
                 "dpvr_kernels.patch(model) with save_pretrained, then dpvr_kernels.vllm.prepare_checkpoint(path)"
             )
         text_config = config.text_config
@@ -134,17 +187,17 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         try:
             self.route_layer, self.fusion_layers, self.backend = checkpoint_route(saved, num_layers)
         except ValueError as e:
-            raise ValueError(f"{ARCHITECTURE}: {e}") from None
+            raise ValueError(f"{type(self).__name__}: {e}") from None
         layer_cls = type(decoder.layers[0])
         if not issubclass(layer_cls, LlamaDecoderLayer):
             raise NotImplementedError(
-                f"{ARCHITECTURE}: the backbone's decoder layer is {layer_cls.__name__}; the plugin supports "
+                f"{type(self).__name__}: the backbone's decoder layer is {layer_cls.__name__}; the plugin supports "
                 "Llama-family backbones (LlamaDecoderLayer and its subclasses, e.g. Vicuna, Mistral)"
             )
         window = getattr(text_config, "sliding_window", None)
         if window is not None and vllm_config.model_config.max_model_len > window:
             raise ValueError(
-                f"{ARCHITECTURE}: the backbone has a sliding window of {window} positions, and the text-only KV "
+                f"{type(self).__name__}: the backbone has a sliding window of {window} positions, and the text-only KV "
                 f"cache cannot apply it over original positions; set max_model_len <= {window}"
             )
 
@@ -161,11 +214,25 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         backend = decoder.layers[0].self_attn.attn.get_attn_backend().get_name()
         if backend not in SUPPORTED_ATTENTION_BACKENDS:
             raise NotImplementedError(
-                f"{ARCHITECTURE}: the deep layers' text-only attention metadata is implemented and tested for the "
+                f"{type(self).__name__}: the deep layers' text-only attention metadata is implemented and tested for the "
                 f"{SUPPORTED_ATTENTION_BACKENDS} attention backend(s) (vLLM's CPU build); this engine uses {backend}"
             )
         self.deep_layers = range(self.route_layer, num_layers - self.fusion_layers)
         self._deep_names = [decoder.layers[i].self_attn.attn.layer_name for i in self.deep_layers]
+        # The three layer ranges as modules vLLM compiles (unless enforce_eager): [0, r), [r, N-f), [N-f, N) + norm.
+        from vllm.compilation.backends import set_model_tag
+
+        base = f"{prefix + '.' if prefix else ''}language_model.model.dpvr"
+        layers = list(decoder.layers)
+        with set_model_tag("dpvr_full_layers"):
+            self._full_layers = (_FullLayers(vllm_config=vllm_config, prefix=f"{base}.full_layers",
+                                             layers=layers[: self.route_layer]) if self.route_layer else None)
+        with set_model_tag("dpvr_text_stream"):
+            self._text_stream = _TextStream(vllm_config=vllm_config, prefix=f"{base}.text_stream",
+                                            layers=[layers[i] for i in self.deep_layers])
+        with set_model_tag("dpvr_fusion_layers"):
+            self._fusion_layers = _FusionLayers(vllm_config=vllm_config, prefix=f"{base}.fusion_layers",
+                                                layers=layers[num_layers - self.fusion_layers :], norm=decoder.norm)
         for i in self.deep_layers:  # their own KV cache group, blocks for text tokens only (kv_cache.py)
             attn = decoder.layers[i].self_attn.attn
             attn.get_kv_cache_spec = functools.partial(_text_only_kv_cache_spec, attn)
@@ -200,7 +267,7 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         try:
             check_side_branch_weights(names, self.route_layer)
         except ValueError as e:
-            raise ValueError(f"{ARCHITECTURE}: {e}") from None
+            raise ValueError(f"{type(self).__name__}: {e}") from None
         return loaded
 
     # ------------------------------------------------------------------------------------------- forward
@@ -214,24 +281,21 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def forward(self, input_ids: Tensor | None, positions: Tensor, intermediate_tensors=None,
                 inputs_embeds: Tensor | None = None, **kwargs: object) -> Tensor:
         if not get_pp_group().is_first_rank or intermediate_tensors is not None:
-            raise NotImplementedError(f"{ARCHITECTURE} does not support pipeline parallelism")
+            raise NotImplementedError(f"{type(self).__name__} does not support pipeline parallelism")
         decoder = self.language_model.model
         hidden = inputs_embeds if inputs_embeds is not None else decoder.embed_input_ids(input_ids)
-        residual = None
-        num_layers = len(decoder.layers)
-        for layer in decoder.layers[: self.route_layer]:
-            hidden, residual = layer(positions, hidden, residual)
+        # The residual stream starts at zero: layer 0 adds its input to it exactly as a stock layer with no residual
+        # does, and every compiled range gets a tensor.
+        residual = torch.zeros_like(hidden)
+        if self._full_layers is not None:
+            hidden, residual = self._full_layers(positions, hidden, residual)
 
         attn_metadata = get_forward_context().attn_metadata
         if not attn_metadata:  # vLLM's profiling/warm-up runs: no metadata, attention is a no-op; every token is text
-            for i in self.deep_layers:
-                hidden, residual = decoder.layers[i](positions, hidden, residual)
+            hidden, residual = self._text_stream(positions, hidden, residual)
         else:
             hidden, residual = self._route_text_stream_and_fuse(positions, hidden, residual, attn_metadata)
-
-        for layer in decoder.layers[num_layers - self.fusion_layers :]:
-            hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = decoder.norm(hidden, residual)
+        hidden, _ = self._fusion_layers(positions, hidden, residual)
         return hidden
 
     def _route_text_stream_and_fuse(self, positions: Tensor, hidden: Tensor, residual: Tensor | None,
@@ -251,7 +315,7 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             marked = torch.zeros(num_actual, dtype=torch.bool, device=valid.device)
         if marked is None or marked.numel() != num_actual:
             raise RuntimeError(
-                f"{ARCHITECTURE}: the vision-token mask of this step ({num_actual} tokens) is missing or stale: vLLM's "
+                f"{type(self).__name__}: the vision-token mask of this step ({num_actual} tokens) is missing or stale: vLLM's "
                 "runner did not call embed_input_ids before forward, which vLLM 0.32's runner does for every "
                 "multimodal step; please report this with the engine arguments"
             )
@@ -259,8 +323,6 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         vision[:num_actual] = marked.to(device=valid.device, dtype=torch.bool)
         plan = build_route_plan_from_mask(vision[None], valid[None], positions[None], sequence[None])
 
-        if residual is None:  # route layer 0: the pre-route state is the embedding alone
-            residual = torch.zeros_like(hidden)
         # Every token text (decode steps, no padding): the text stream is the states as they are, no gather/scatter.
         all_text = plan.num_text == n
         if all_text:
@@ -293,15 +355,13 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def _run_text_stream(self, metadata: dict[str, CommonAttentionMetadata], plan, text_h: Tensor,
                          text_r: Tensor) -> tuple[Tensor, Tensor]:
         """Layers [r, N-f) on the text tokens, with the deep layers' metadata and slots swapped in."""
-        decoder = self.language_model.model
         ctx = get_forward_context()
         saved_metadata, saved_slots = ctx.attn_metadata, ctx.slot_mapping
         built = {id(meta): self._builder().build(0, meta) for meta in metadata.values()}
         ctx.attn_metadata = {**saved_metadata, **{name: built[id(meta)] for name, meta in metadata.items()}}
         ctx.slot_mapping = {**saved_slots, **{name: meta.slot_mapping for name, meta in metadata.items()}}
         try:
-            for i in self.deep_layers:
-                text_h, text_r = decoder.layers[i](plan.text_position_ids, text_h, text_r)
+            text_h, text_r = self._text_stream(plan.text_position_ids, text_h, text_r)
         finally:
             ctx.attn_metadata, ctx.slot_mapping = saved_metadata, saved_slots
         return text_h, text_r
@@ -337,13 +397,13 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             # The engine settings checked at start make both impossible; stop rather than answer wrongly.
             if vision_now:
                 raise RuntimeError(
-                    f"{ARCHITECTURE}: a request has {vision_now} vision tokens after its prefill (position "
+                    f"{type(self).__name__}: a request has {vision_now} vision tokens after its prefill (position "
                     f"{first_pos[i]}), so its prompt was prefilled in pieces although chunked prefill is off; "
                     "please report this with the engine arguments"
                 )
             if first_block[i] not in self._vision_counts:
                 raise RuntimeError(
-                    f"{ARCHITECTURE}: a request continues at position {first_pos[i]} but its prefill was not seen "
+                    f"{type(self).__name__}: a request continues at position {first_pos[i]} but its prefill was not seen "
                     "(it started from KV computed elsewhere); please report this with the engine arguments"
                 )
             before.append(first_pos[i] - self._vision_counts[first_block[i]])
@@ -380,3 +440,11 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             slot_mapping=slots.to(group_step.slot_mapping.dtype),
             causal=True,
         )
+
+
+class DPVRLlavaForConditionalGeneration(_DPVRForConditionalGeneration, LlavaForConditionalGeneration):
+    """vLLM's LLaVA (LLaVA-1.5, BakLLaVA) with DPVR-LF."""
+
+
+class DPVRLlavaNextForConditionalGeneration(_DPVRForConditionalGeneration, LlavaNextForConditionalGeneration):
+    """vLLM's LLaVA-NeXT (anyres tiles, image-newline rows: all vision tokens) with DPVR-LF."""

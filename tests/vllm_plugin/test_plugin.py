@@ -13,17 +13,28 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
-from vllm_folders import ROUTE_LAYER, images, kv_capacity, make_dpvr_folder, make_stock_folder, prompts
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+from vllm_folders import (
+    ROUTE_LAYER,
+    images,
+    kv_capacity,
+    make_dpvr_folder,
+    make_next_stock_folder,
+    make_stock_folder,
+    prompts,
+)
 
 import dpvr_kernels
-from dpvr_kernels.vllm import ARCHITECTURE, REQUIRED_ENGINE_ARGS
+from dpvr_kernels.vllm import ARCHITECTURE, ARCHITECTURES, REQUIRED_ENGINE_ARGS
 
 vllm = pytest.importorskip("vllm", reason="the vLLM environment: make vllm-env && make vllm-test")
 if not os.environ.get("DPVR_VLLM_TESTS"):  # collected only by make vllm-test (tests/conftest.py)
     raise RuntimeError("run these tests with make vllm-test")
 
 NEW_TOKENS = [6, 9, 4, 7, 5, 8]  # different lengths: requests finish at different steps, others join mid-decode
+# Most tests build engines in eager mode (a compiled engine costs ~40 s of Inductor on 2 cores);
+# test_compiled_plugin_matches_eager_and_hf runs vLLM's default compilation.
+EAGER = {**REQUIRED_ENGINE_ARGS, "enforce_eager": True}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +48,7 @@ def hf_greedy(folder, patched: bool, extra=()) -> tuple[list[list[int]], list[li
     """Per prompt (``prompts()`` and ``extra``), one at a time: greedy tokens and their log-probabilities from HF
     ``generate``."""
     proc = AutoProcessor.from_pretrained(folder)
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     if patched:
         dpvr_kernels.patch(model)  # route layer and the trained side branch come from the checkpoint
     tokens, logprobs = [], []
@@ -85,7 +96,7 @@ def stock_error(folders) -> float:
     """The control: stock vLLM on the stock folder gives stock HF's tokens; how far its log-probs are from HF's
     (vLLM's kernels sum in another order) is the yardstick for the plugin."""
     stock, _ = folders
-    return greedy_error(vllm_greedy(stock, **REQUIRED_ENGINE_ARGS), hf_greedy(stock, patched=False), "stock")
+    return greedy_error(vllm_greedy(stock, **EAGER), hf_greedy(stock, patched=False), "stock")
 
 
 def test_stock_vllm_matches_stock_hf(stock_error):
@@ -99,12 +110,45 @@ def test_plugin_matches_hf_dpvr_generate(folders, stock_error):
     stock, dpvr = folders
     assert json.loads((dpvr / "config.json").read_text())["dpvr"]["route_layer"] == ROUTE_LAYER
     want = hf_greedy(dpvr, patched=True)
-    error = greedy_error(vllm_greedy(dpvr, **REQUIRED_ENGINE_ARGS), want, "DPVR-LF")
+    error = greedy_error(vllm_greedy(dpvr, **EAGER), want, "DPVR-LF")
     print(f"log-prob error vs HF: DPVR-LF {error:.2e}, stock (control) {stock_error:.2e}")
     assert error <= 2 * stock_error + 1e-5, f"DPVR-LF log-probs differ by {error:.2e} (control {stock_error:.2e})"
     stock_tokens, _ = hf_greedy(stock, patched=False)
     with_images = [i for i, (_, imgs) in enumerate(prompts()) if imgs]
     assert any(want[0][i] != stock_tokens[i] for i in with_images), "DPVR-LF gave stock's answers: nothing routed?"
+
+
+def test_compiled_plugin_matches_eager_and_hf(folders, stock_error, monkeypatch):
+    """vLLM's default compilation (no enforce_eager): the three layer ranges are compiled modules (Dynamo +
+    Inductor, attention as vLLM's op between the pieces), the routing between them eager. The same tokens as the
+    eager plugin and HF DPVR-LF, log-probs within the control's error."""
+    from vllm.compilation.counter import compilation_counter
+
+    _, dpvr = folders
+    def compiles() -> int:
+        return compilation_counter.num_aot_compiles + compilation_counter.num_aot_artifacts_loaded
+
+    before = compiles()
+    compiled = vllm_greedy(dpvr, **REQUIRED_ENGINE_ARGS)
+    assert compiles() - before == 3, "the full, text-stream and fusion ranges are compiled (or loaded compiled)"
+    want = hf_greedy(dpvr, patched=True)
+    error = greedy_error(compiled, want, "DPVR-LF compiled")
+    assert error <= 2 * stock_error + 1e-5, f"compiled log-probs differ by {error:.2e} (control {stock_error:.2e})"
+    assert compiled[0] == vllm_greedy(dpvr, **EAGER)[0]
+
+
+def test_llava_next_plugin_matches_hf_dpvr_generate(tmp_path, stock_error):
+    """LLaVA-NeXT (anyres tiles and image-newline rows, images of different sizes: 0, 1 and 2 images per request):
+    the plugin's NeXT class gives HF DPVR-LF's greedy tokens; its vision tokens are vLLM's placeholders, the same
+    tokens HF routes."""
+    stock = make_next_stock_folder(tmp_path / "stock")
+    dpvr = make_dpvr_folder(stock, tmp_path / "dpvr")
+    assert json.loads((dpvr / "config.json").read_text())["architectures"] == [ARCHITECTURES["llava_next"]]
+    want = hf_greedy(dpvr, patched=True)
+    error = greedy_error(vllm_greedy(dpvr, **EAGER), want, "DPVR-LF LLaVA-NeXT")
+    assert error <= 2 * stock_error + 1e-5, f"LLaVA-NeXT log-probs differ by {error:.2e} (control {stock_error:.2e})"
+    stock_tokens, _ = hf_greedy(stock, patched=False)
+    assert stock_tokens != want[0], "DPVR-LF gave stock's answers: nothing routed?"
 
 
 @pytest.mark.parametrize("route_layer", [0, 1])
@@ -116,7 +160,7 @@ def test_plugin_matches_hf_at_low_route_layers(tmp_path, route_layer, stock_erro
     dpvr = make_dpvr_folder(stock, tmp_path / "dpvr", route_layer=route_layer)
     image_only = ("<image>", images(1, seed=9))
     want = hf_greedy(dpvr, patched=True, extra=[image_only])
-    error = greedy_error(vllm_greedy(dpvr, extra=[image_only], block_size=32, **REQUIRED_ENGINE_ARGS), want,
+    error = greedy_error(vllm_greedy(dpvr, extra=[image_only], block_size=32, **EAGER), want,
                          f"DPVR-LF, route layer {route_layer}")
     assert error <= 2 * stock_error + 1e-5
 
@@ -132,7 +176,7 @@ def test_plugin_tensor_parallel_2_matches_hf_dpvr_generate(folders, stock_error,
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     assert vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING
     _, dpvr = folders
-    error = greedy_error(vllm_greedy(dpvr, tensor_parallel_size=2, **REQUIRED_ENGINE_ARGS),
+    error = greedy_error(vllm_greedy(dpvr, tensor_parallel_size=2, **EAGER),
                          hf_greedy(dpvr, patched=True), "DPVR-LF, TP 2")
     assert error <= 2 * stock_error + 1e-5, f"DPVR-LF TP 2 log-probs differ by {error:.2e} (control {stock_error:.2e})"
 
@@ -145,7 +189,7 @@ def test_a_generated_image_token_id_is_text(folders):
     _, dpvr = folders
     image_id = LlavaForConditionalGeneration.config_class.from_pretrained(dpvr).image_token_index
     llm = LLM(model=str(dpvr), dtype="float32", max_model_len=256, limit_mm_per_prompt={"image": 1}, seed=0,
-              **REQUIRED_ENGINE_ARGS)
+              **EAGER)
     text, imgs = prompts()[0]
     params = SamplingParams(temperature=0.0, max_tokens=4, min_tokens=4, ignore_eos=True, logit_bias={image_id: 100})
     (out,) = llm.generate([{"prompt": text, "multi_modal_data": {"image": imgs}}], params)
@@ -179,14 +223,13 @@ def test_deep_layers_hold_blocks_for_text_tokens_only_so_more_requests_fit(tmp_p
     assert got["dpvr"]["peak_running"] > got["stock"]["peak_running"]
 
 
-CLI_FLAGS = {"enforce_eager": "--enforce-eager", "enable_prefix_caching": "--no-enable-prefix-caching",
-             "enable_chunked_prefill": "--no-enable-chunked-prefill"}
+CLI_FLAGS = {"enable_prefix_caching": "--no-enable-prefix-caching", "enable_chunked_prefill": "--no-enable-chunked-prefill"}
 
 
 @pytest.mark.parametrize("flag", sorted(REQUIRED_ENGINE_ARGS))
 def test_plugin_refuses_engine_settings_it_cannot_serve_exactly(folders, flag):
     _, dpvr = folders
-    engine = {**REQUIRED_ENGINE_ARGS, flag: not REQUIRED_ENGINE_ARGS[flag]}
+    engine = {**EAGER, flag: not REQUIRED_ENGINE_ARGS[flag]}
     # the setting named with its CLI flag (every message also lists the whole required set afterwards)
     with pytest.raises(Exception, match=rf"{ARCHITECTURE} \(DPVR-LF\) needs {flag}=.* \({CLI_FLAGS[flag]}\)"):
         vllm_greedy(dpvr, **engine)
@@ -210,7 +253,7 @@ def test_plugin_refuses_an_incomplete_side_branch(folders, tmp_path):
     del state[gone]
     save_file(state, dpvr / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"no side-branch weights for \['mlp.down_proj.weight'\]"):
-        vllm_greedy(dpvr, **REQUIRED_ENGINE_ARGS)
+        vllm_greedy(dpvr, **EAGER)
 
 
 def test_plugin_refuses_a_route_layer_out_of_range(folders, tmp_path):
@@ -219,7 +262,7 @@ def test_plugin_refuses_a_route_layer_out_of_range(folders, tmp_path):
     config["dpvr"]["route_layer"] = 5
     (dpvr / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"dpvr=.*not valid for its 6-layer decoder.*route_layer=5.*re-save"):
-        vllm_greedy(dpvr, **REQUIRED_ENGINE_ARGS)
+        vllm_greedy(dpvr, **EAGER)
 
 
 def test_plugin_loads_a_flat_clip_tower(tmp_path, stock_error):
@@ -233,7 +276,7 @@ def test_plugin_loads_a_flat_clip_tower(tmp_path, stock_error):
     dpvr = make_dpvr_folder(stock, tmp_path / "dpvr")
     with safe_open(dpvr / "model.safetensors", framework="pt") as f:
         assert any(".vision_tower.embeddings." in f".{k}" for k in f.keys()), "the folder is not flat"
-    error = greedy_error(vllm_greedy(dpvr, **REQUIRED_ENGINE_ARGS), hf_greedy(dpvr, patched=True), "flat CLIP")
+    error = greedy_error(vllm_greedy(dpvr, **EAGER), hf_greedy(dpvr, patched=True), "flat CLIP")
     assert error <= 2 * stock_error + 1e-5
 
 
@@ -278,7 +321,7 @@ def test_plugin_serves_text_only_when_multimodal_inputs_are_off(folders):
 
     stock, dpvr = folders
     llm = LLM(model=str(dpvr), dtype="float32", max_model_len=256, limit_mm_per_prompt={"image": 0}, seed=0,
-              **REQUIRED_ENGINE_ARGS)
+              **EAGER)
     text = prompts()[2][0]
     params = SamplingParams(temperature=0.0, max_tokens=5, min_tokens=5, ignore_eos=True)
     (out,) = llm.generate([text], params)
@@ -299,7 +342,7 @@ def test_plugin_refuses_an_untested_attention_backend(folders, monkeypatch):
     monkeypatch.setattr(plugin_model, "SUPPORTED_ATTENTION_BACKENDS", ("FLASH_ATTN",))
     _, dpvr = folders
     with pytest.raises(Exception, match=r"tested for the \('FLASH_ATTN',\) attention backend.*uses CPU_ATTN"):
-        vllm_greedy(dpvr, **REQUIRED_ENGINE_ARGS)
+        vllm_greedy(dpvr, **EAGER)
 
 
 def test_model_module_refuses_other_vllm_versions(monkeypatch):
@@ -316,7 +359,7 @@ def test_entry_point_registers_the_dpvr_class():
 
     (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.value == "dpvr_kernels.vllm:register"]
     ep.load()()
-    assert ARCHITECTURE in ModelRegistry.get_supported_archs()
+    assert set(ARCHITECTURES.values()) <= set(ModelRegistry.get_supported_archs())
 
 
 def test_openai_server_serves_the_dpvr_checkpoint(folders, tmp_path):

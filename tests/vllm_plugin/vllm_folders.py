@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from model_folder import make_llava_folder
+from model_folder import make_llava_folder, make_llava_next_folder
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText
 
 import dpvr_kernels
 from dpvr_kernels.vllm import llava_hf_key, prepare_checkpoint
@@ -28,11 +28,16 @@ BENCH_SIZE = dict(hidden=384, heads=6, kv_heads=6, layers=12, image_size=336, in
 BENCH_WORDS = "what is in the picture describe it please the red house and a blue sun over a tree cat dog".split()
 
 
-def bench_requests(n: int) -> list[dict]:
-    """``n`` requests with one image each and prompts of different lengths (5 to 19 words, cycling)."""
-    imgs = images(n, seed=5)
-    return [{"prompt": f"USER : <image> {' '.join(BENCH_WORDS[: 4 + 2 * (i % 8)])} ASSISTANT :",
-             "multi_modal_data": {"image": im}} for i, im in enumerate(imgs)]
+def bench_question(i: int) -> str:
+    """The ``i``-th benchmark question: 5 to 19 words, cycling."""
+    return " ".join(BENCH_WORDS[: 4 + 2 * (i % 8)])
+
+
+def bench_requests(n: int, seed: int = 5) -> list[dict]:
+    """``n`` requests with one image each (new images for each ``seed``) and prompts of different lengths."""
+    imgs = images(n, seed=seed)
+    return [{"prompt": f"USER : <image> {bench_question(i)} ASSISTANT :", "multi_modal_data": {"image": im}}
+            for i, im in enumerate(imgs)]
 
 
 def make_stock_folder(folder: Path, seed: int = 3, hidden: int = 128, heads: int = 4, kv_heads: int = 2,
@@ -41,6 +46,17 @@ def make_stock_folder(folder: Path, seed: int = 3, hidden: int = 128, heads: int
     by default 32 with GQA 4:2), with its processor; ``(image_size / 14)**2`` vision tokens per image."""
     make_llava_folder(folder, image_size=image_size, patch=PATCH, layers=layers, seed=seed, hidden=hidden,
                       heads=heads, kv_heads=kv_heads, intermediate=intermediate, max_positions=2048)
+    return _llava_hf_layout(folder)
+
+
+def make_next_stock_folder(folder: Path, seed: int = 5) -> Path:
+    """A LLaVA-NeXT model vLLM's CPU attention can run (head size 32, GQA 4:2; 28 px anyres tiles, grids up to
+    2 x 2: 4 tokens per tile plus image-newline rows), with its processor."""
+    make_llava_next_folder(folder, layers=NUM_LAYERS, seed=seed, hidden=128, heads=4, kv_heads=2, max_positions=2048)
+    return _llava_hf_layout(folder)
+
+
+def _llava_hf_layout(folder: Path) -> Path:
     # transformers 5 saves the CLIP tower flattened ([model.]vision_tower.embeddings...); stock vLLM 0.32 loads the
     # llava-hf layout (model.vision_tower.vision_model.embeddings...), which transformers also reads: use that.
     path = folder / "model.safetensors"
@@ -51,7 +67,7 @@ def make_stock_folder(folder: Path, seed: int = 3, hidden: int = 128, heads: int
 def make_dpvr_folder(stock: Path, folder: Path, seed: int = 4, route_layer: int | None = ROUTE_LAYER) -> Path:
     """The stock model patched at ``route_layer`` (None: the default), its side branch moved off layer r's copy
     (as training would), saved and prepared for the vLLM plugin."""
-    model = LlavaForConditionalGeneration.from_pretrained(stock, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(stock, dtype=torch.float32).eval()
     dpvr_kernels.patch(model, route_layer=route_layer)
     side = model.model.language_model.dpvr_side_branch
     g = torch.Generator().manual_seed(seed)
@@ -95,7 +111,8 @@ def kv_capacity(folder: Path, requests: list[dict], kv_cache_memory_bytes: int, 
 
     llm = LLM(model=str(folder), dtype="float32", max_model_len=max_model_len, max_num_seqs=len(requests),
               max_num_batched_tokens=max_model_len * len(requests), kv_cache_memory_bytes=kv_cache_memory_bytes,
-              block_size=block_size, limit_mm_per_prompt={"image": 2}, seed=0, **REQUIRED_ENGINE_ARGS)
+              block_size=block_size, limit_mm_per_prompt={"image": 2}, seed=0, enforce_eager=True,
+              **REQUIRED_ENGINE_ARGS)
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     config = scheduler.kv_cache_config
