@@ -32,7 +32,8 @@ TESTED_VLLM_VERSION = "0.32.0"
 ARCHITECTURE = "DPVRLlavaForConditionalGeneration"
 """The architecture of a DPVR-LF LLaVA checkpoint, written into ``config.json`` by :func:`prepare_checkpoint`."""
 
-ARCHITECTURES = {"llava": ARCHITECTURE, "llava_next": "DPVRLlavaNextForConditionalGeneration"}
+ARCHITECTURES = {"llava": ARCHITECTURE, "llava_next": "DPVRLlavaNextForConditionalGeneration",
+                 "llava_onevision": "DPVRLlavaOnevisionForConditionalGeneration"}
 """The architecture the plugin registers for each ``model_type`` it serves (one class each in ``model.py``)."""
 
 REQUIRED_ENGINE_ARGS = {"enable_prefix_caching": False, "enable_chunked_prefill": False}
@@ -131,8 +132,8 @@ def prepare_checkpoint(path: str | os.PathLike) -> str:
         config = json.load(f)
     if config.get("model_type") not in ARCHITECTURES:
         raise ValueError(
-            f"{config_path}: model_type is {config.get('model_type')!r}; the vLLM plugin serves LLaVA-1.5 and "
-            f"LLaVA-NeXT checkpoints (model_type {' or '.join(map(repr, ARCHITECTURES))}); serve other classes "
+            f"{config_path}: model_type is {config.get('model_type')!r}; the vLLM plugin serves LLaVA-1.5, "
+            f"LLaVA-NeXT and LLaVA-OneVision checkpoints (model_type {' or '.join(map(repr, ARCHITECTURES))}); serve other classes "
             "with transformers (dpvr_kernels.patch)"
         )
     if not isinstance(config.get("dpvr"), dict):

@@ -45,6 +45,8 @@ from vllm.forward_context import get_forward_context  # noqa: E402
 from vllm.model_executor.models.llama import LlamaDecoderLayer  # noqa: E402
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration  # noqa: E402
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration  # noqa: E402
+from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration  # noqa: E402
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer  # noqa: E402
 from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 
 from ..models.attention import attend_segments  # noqa: E402
@@ -52,7 +54,8 @@ from ..ops import fuse_merge, route_split  # noqa: E402
 from ..plan import build_route_plan_from_mask  # noqa: E402
 from .kv_cache import text_only_spec  # noqa: E402
 
-__all__ = ["DPVRLlavaForConditionalGeneration", "DPVRLlavaNextForConditionalGeneration", "SideBranchAttention"]
+__all__ = ["DPVRLlavaForConditionalGeneration", "DPVRLlavaNextForConditionalGeneration",
+           "DPVRLlavaOnevisionForConditionalGeneration", "SideBranchAttention"]
 
 SUPPORTED_ATTENTION_BACKENDS = ("CPU_ATTN",)
 """Attention backends whose metadata rewrite is tested (vLLM's CPU build)."""
@@ -160,6 +163,19 @@ class _FusionLayers(_LayerRange):
         return self.run(positions, hidden_states, residual)
 
 
+def _side_branch_layer(layer_cls: type, vllm_config: VllmConfig, prefix: str, config) -> nn.Module:
+    """A new decoder layer of the backbone's class (the two constructors vLLM's Llama and Qwen2 layers have)."""
+    if issubclass(layer_cls, LlamaDecoderLayer):
+        return layer_cls(vllm_config=vllm_config, prefix=prefix, config=config)
+    if issubclass(layer_cls, Qwen2DecoderLayer):
+        return layer_cls(config=config, cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
+                         prefix=prefix)
+    raise NotImplementedError(
+        f"the backbone's decoder layer is {layer_cls.__name__}; the plugin supports Llama-family (LlamaDecoderLayer "
+        "and its subclasses: Vicuna, Mistral) and Qwen2 (Qwen2DecoderLayer) backbones"
+    )
+
+
 def _text_only_kv_cache_spec(attn: nn.Module, vllm_config: VllmConfig):
     return text_only_spec(type(attn).get_kv_cache_spec(attn, vllm_config))
 
@@ -189,11 +205,6 @@ class _DPVRForConditionalGeneration:
         except ValueError as e:
             raise ValueError(f"{type(self).__name__}: {e}") from None
         layer_cls = type(decoder.layers[0])
-        if not issubclass(layer_cls, LlamaDecoderLayer):
-            raise NotImplementedError(
-                f"{type(self).__name__}: the backbone's decoder layer is {layer_cls.__name__}; the plugin supports "
-                "Llama-family backbones (LlamaDecoderLayer and its subclasses, e.g. Vicuna, Mistral)"
-            )
         window = getattr(text_config, "sliding_window", None)
         if window is not None and vllm_config.model_config.max_model_len > window:
             raise ValueError(
@@ -204,7 +215,10 @@ class _DPVRForConditionalGeneration:
         # The side branch: a layer of the backbone's own class (weights from the checkpoint's side branch), its
         # vLLM Attention replaced by uncached varlen attention and taken out of the KV cache registry.
         side_prefix = f"{prefix + '.' if prefix else ''}language_model.model.{SIDE_BRANCH}.{self.route_layer}"
-        side = layer_cls(vllm_config=vllm_config, prefix=side_prefix, config=text_config)
+        try:
+            side = _side_branch_layer(layer_cls, vllm_config, side_prefix, text_config)
+        except NotImplementedError as e:
+            raise NotImplementedError(f"{type(self).__name__}: {e}") from None
         stock_attn = side.self_attn.attn
         vllm_config.compilation_config.static_forward_context.pop(stock_attn.layer_name)
         side.self_attn.attn = SideBranchAttention(stock_attn.num_heads, stock_attn.num_kv_heads,
@@ -448,3 +462,9 @@ class DPVRLlavaForConditionalGeneration(_DPVRForConditionalGeneration, LlavaForC
 
 class DPVRLlavaNextForConditionalGeneration(_DPVRForConditionalGeneration, LlavaNextForConditionalGeneration):
     """vLLM's LLaVA-NeXT (anyres tiles, image-newline rows: all vision tokens) with DPVR-LF."""
+
+
+class DPVRLlavaOnevisionForConditionalGeneration(_DPVRForConditionalGeneration,
+                                                 LlavaOnevisionForConditionalGeneration):
+    """vLLM's LLaVA-OneVision (Qwen2 decoder; anyres images and pooled video frames: all vision tokens) with
+    DPVR-LF."""

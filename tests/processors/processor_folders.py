@@ -324,9 +324,10 @@ def make_perception_lm_folder(folder: Path, seed: int = 11) -> Path:
 PINPOINTS = [[28, 56], [56, 28], [56, 56]]
 
 
-def make_llava_video_folder(folder: Path, name: str = "llava_onevision", seed: int = 12) -> Path:
+def make_llava_video_folder(folder: Path, name: str = "llava_onevision", seed: int = 12, **text) -> Path:
     """A tiny random LLaVA-OneVision (SigLIP, Qwen2 decoder) or LLaVA-NeXT-Video (CLIP, Llama decoder): anyres 28 px
-    tiles of 4 tokens, grids up to 2 x 2, with its processor (image + video processors)."""
+    tiles of 4 tokens, grids up to 2 x 2, with its processor (image + video processors). ``text``: decoder shape
+    overrides (e.g. ``hidden_size``)."""
     import transformers as T
 
     tok = _special_tokenizer(["<image>", "<video>"])
@@ -339,7 +340,8 @@ def make_llava_video_folder(folder: Path, name: str = "llava_onevision", seed: i
                                               num_image_tokens=4, vision_feature_select_strategy="full",
                                               chat_template=_chat_template("<image>"))
         vision = T.SiglipVisionConfig(**_vit(image_size=28))
-        cfg = T.LlavaOnevisionConfig(vision_config=vision, text_config=_text("qwen2"), image_grid_pinpoints=PINPOINTS,
+        cfg = T.LlavaOnevisionConfig(vision_config=vision, text_config=_text("qwen2", **text),
+                                     image_grid_pinpoints=PINPOINTS,
                                      vision_feature_select_strategy="full", vision_feature_layer=-1, **ids)
         return _build(folder, seed, T.LlavaOnevisionForConditionalGeneration, cfg, processor)
     sizes = dict(size={"shortest_edge": 28}, crop_size=tile)
@@ -348,7 +350,7 @@ def make_llava_video_folder(folder: Path, name: str = "llava_onevision", seed: i
                                           video_processor=T.LlavaNextVideoVideoProcessor(**sizes), patch_size=14,
                                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                           chat_template=_chat_template("<image>"))
-    cfg = T.LlavaNextVideoConfig(vision_config=_clip(), text_config=_text(), image_grid_pinpoints=PINPOINTS,
+    cfg = T.LlavaNextVideoConfig(vision_config=_clip(), text_config=_text(**text), image_grid_pinpoints=PINPOINTS,
                                  vision_feature_select_strategy="default", vision_feature_layer=-2,
                                  spatial_pool_stride=2, **ids)
     return _build(folder, seed, T.LlavaNextVideoForConditionalGeneration, cfg, processor)

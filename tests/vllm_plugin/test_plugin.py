@@ -20,6 +20,7 @@ from vllm_folders import (
     kv_capacity,
     make_dpvr_folder,
     make_next_stock_folder,
+    make_onevision_stock_folder,
     make_stock_folder,
     prompts,
 )
@@ -137,18 +138,23 @@ def test_compiled_plugin_matches_eager_and_hf(folders, stock_error, monkeypatch)
     assert compiled[0] == vllm_greedy(dpvr, **EAGER)[0]
 
 
-def test_llava_next_plugin_matches_hf_dpvr_generate(tmp_path, stock_error):
-    """LLaVA-NeXT (anyres tiles and image-newline rows, images of different sizes: 0, 1 and 2 images per request):
-    the plugin's NeXT class gives HF DPVR-LF's greedy tokens; its vision tokens are vLLM's placeholders, the same
-    tokens HF routes."""
-    stock = make_next_stock_folder(tmp_path / "stock")
+@pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision"])
+def test_anyres_plugin_matches_hf_dpvr_generate(tmp_path, model_type):
+    """LLaVA-NeXT (Llama) and LLaVA-OneVision (Qwen2 decoder): anyres tiles and image-newline rows, images of
+    different sizes, 0, 1 and 2 images per request. The plugin's class for each gives HF DPVR-LF's greedy tokens;
+    its vision tokens are vLLM's placeholders, the same tokens HF routes."""
+    make = make_next_stock_folder if model_type == "llava_next" else make_onevision_stock_folder
+    stock = make(tmp_path / "stock")
     dpvr = make_dpvr_folder(stock, tmp_path / "dpvr")
-    assert json.loads((dpvr / "config.json").read_text())["architectures"] == [ARCHITECTURES["llava_next"]]
+    assert json.loads((dpvr / "config.json").read_text())["architectures"] == [ARCHITECTURES[model_type]]
     want = hf_greedy(dpvr, patched=True)
-    error = greedy_error(vllm_greedy(dpvr, **EAGER), want, "DPVR-LF LLaVA-NeXT")
-    assert error <= 2 * stock_error + 1e-5, f"LLaVA-NeXT log-probs differ by {error:.2e} (control {stock_error:.2e})"
-    stock_tokens, _ = hf_greedy(stock, patched=False)
-    assert stock_tokens != want[0], "DPVR-LF gave stock's answers: nothing routed?"
+    error = greedy_error(vllm_greedy(dpvr, **EAGER), want, f"DPVR-LF {model_type}")
+    # The class's own control: stock vLLM against stock HF on the stock folder (towers and resizing differ).
+    stock_hf = hf_greedy(stock, patched=False)
+    control = greedy_error(vllm_greedy(stock, **EAGER), stock_hf, f"stock {model_type}")
+    print(f"{model_type}: log-prob error vs HF: DPVR-LF {error:.2e}, stock (control) {control:.2e}")
+    assert error <= 2 * control + 1e-5, f"{model_type} log-probs differ by {error:.2e} (control {control:.2e})"
+    assert stock_hf[0] != want[0], "DPVR-LF gave stock's answers: nothing routed?"
 
 
 @pytest.mark.parametrize("route_layer", [0, 1])

@@ -56,6 +56,19 @@ def make_next_stock_folder(folder: Path, seed: int = 5) -> Path:
     return _llava_hf_layout(folder)
 
 
+def make_onevision_stock_folder(folder: Path, seed: int = 6) -> Path:
+    """A LLaVA-OneVision model (SigLIP, Qwen2 decoder with head size 32; 28 px anyres tiles, grids up to 2 x 2) with
+    its processor (image and video processors: torchvision, which the vLLM environment has)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "processors"))
+    from processor_folders import make_llava_video_folder
+
+    make_llava_video_folder(folder, "llava_onevision", seed=seed, hidden_size=128, num_hidden_layers=NUM_LAYERS,
+                            max_position_embeddings=2048)
+    return _llava_hf_layout(folder)
+
+
 def _llava_hf_layout(folder: Path) -> Path:
     # transformers 5 saves the CLIP tower flattened ([model.]vision_tower.embeddings...); stock vLLM 0.32 loads the
     # llava-hf layout (model.vision_tower.vision_model.embeddings...), which transformers also reads: use that.
