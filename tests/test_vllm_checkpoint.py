@@ -40,7 +40,7 @@ def test_prepare_checkpoint_refuses_what_the_plugin_cannot_serve(tmp_path):
     from transformers import Qwen2VLConfig
 
     Qwen2VLConfig().save_pretrained(tmp_path / "qwen")
-    with pytest.raises(ValueError, match="model_type is 'qwen2_vl'.*LLaVA-1.5, LLaVA-NeXT.*dpvr_kernels.patch"):
+    with pytest.raises(ValueError, match="model_type is 'qwen2_vl'.*LLaVA-1.5, LLaVA-NeXT.*Qwen2.5-VL.*dpvr_kernels.patch"):
         prepare_checkpoint(tmp_path / "qwen")
 
 

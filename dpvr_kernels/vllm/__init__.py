@@ -33,7 +33,8 @@ ARCHITECTURE = "DPVRLlavaForConditionalGeneration"
 """The architecture of a DPVR-LF LLaVA checkpoint, written into ``config.json`` by :func:`prepare_checkpoint`."""
 
 ARCHITECTURES = {"llava": ARCHITECTURE, "llava_next": "DPVRLlavaNextForConditionalGeneration",
-                 "llava_onevision": "DPVRLlavaOnevisionForConditionalGeneration"}
+                 "llava_onevision": "DPVRLlavaOnevisionForConditionalGeneration",
+                 "qwen2_5_vl": "DPVRQwen2_5_VLForConditionalGeneration"}
 """The architecture the plugin registers for each ``model_type`` it serves (one class each in ``model.py``)."""
 
 REQUIRED_ENGINE_ARGS = {"enable_prefix_caching": False, "enable_chunked_prefill": False}
@@ -133,7 +134,7 @@ def prepare_checkpoint(path: str | os.PathLike) -> str:
     if config.get("model_type") not in ARCHITECTURES:
         raise ValueError(
             f"{config_path}: model_type is {config.get('model_type')!r}; the vLLM plugin serves LLaVA-1.5, "
-            f"LLaVA-NeXT and LLaVA-OneVision checkpoints (model_type {' or '.join(map(repr, ARCHITECTURES))}); serve other classes "
+            f"LLaVA-NeXT, LLaVA-OneVision and Qwen2.5-VL checkpoints (model_type {' or '.join(map(repr, ARCHITECTURES))}); serve other classes "
             "with transformers (dpvr_kernels.patch)"
         )
     if not isinstance(config.get("dpvr"), dict):

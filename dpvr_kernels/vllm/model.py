@@ -47,6 +47,7 @@ from vllm.model_executor.models.llava import LlavaForConditionalGeneration  # no
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration  # noqa: E402
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration  # noqa: E402
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer  # noqa: E402
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 
 from ..models.attention import attend_segments  # noqa: E402
@@ -55,7 +56,7 @@ from ..plan import build_route_plan_from_mask  # noqa: E402
 from .kv_cache import text_only_spec  # noqa: E402
 
 __all__ = ["DPVRLlavaForConditionalGeneration", "DPVRLlavaNextForConditionalGeneration",
-           "DPVRLlavaOnevisionForConditionalGeneration", "SideBranchAttention"]
+           "DPVRLlavaOnevisionForConditionalGeneration", "DPVRQwen2_5_VLForConditionalGeneration", "SideBranchAttention"]
 
 SUPPORTED_ATTENTION_BACKENDS = ("CPU_ATTN",)
 """Attention backends whose metadata rewrite is tested (vLLM's CPU build)."""
@@ -136,7 +137,7 @@ class _LayerRange(nn.Module):
 
 # One class per range, each with a forward of its own: vLLM keys a compiled module's on-disk (AOT) artifacts by its
 # forward's qualified name and line, so ranges sharing one forward would overwrite each other's compiled code.
-_DYNAMIC = {"positions": 0, "hidden_states": 0, "residual": 0}
+_DYNAMIC = {"positions": -1, "hidden_states": 0, "residual": 0}  # positions: [N], or [3, N] M-RoPE rows
 
 
 @support_torch_compile(dynamic_arg_dims=_DYNAMIC)
@@ -335,7 +336,8 @@ class _DPVRForConditionalGeneration:
             )
         vision = torch.zeros_like(valid)
         vision[:num_actual] = marked.to(device=valid.device, dtype=torch.bool)
-        plan = build_route_plan_from_mask(vision[None], valid[None], positions[None], sequence[None])
+        # Positions [N], or M-RoPE rows [3, N] (Qwen-VL): the plan gathers them per token either way.
+        plan = build_route_plan_from_mask(vision[None], valid[None], positions[..., None, :], sequence[None])
 
         # Every token text (decode steps, no padding): the text stream is the states as they are, no gather/scatter.
         all_text = plan.num_text == n
@@ -358,7 +360,7 @@ class _DPVRForConditionalGeneration:
         if plan.num_vision:
             side = getattr(decoder, SIDE_BRANCH)
             side.self_attn.attn.segments = plan.vision_seqlens
-            side.self_attn.attn.positions = plan.vision_position_ids
+            side.self_attn.attn.positions = plan.vision_position_ids.reshape(-1, plan.num_vision)[0]  # for windows
             vision_h, vision_r = side(plan.vision_position_ids, vision_h, vision_r)
         if all_text:
             return text_h, text_r
@@ -398,29 +400,30 @@ class _DPVRForConditionalGeneration:
         """Per request with text this step (the kept ones): its row, its text queries, and its text tokens already
         in the deep KV. Notes each new prompt's vision tokens; refuses what cannot be placed."""
         num_reqs = query_start.numel() - 1
-        first_pos = positions[query_start[:-1]].tolist()
         first_block = step.block_table[:num_reqs, 0].tolist()
         q_text, q_len = list(plan.text_seqlens), (query_start[1:] - query_start[:-1]).tolist()
+        # Tokens each request computed before this step (not its first position: M-RoPE compresses positions).
+        done = [int(s) - q for s, q in zip(step.seq_lens[:num_reqs].tolist(), q_len, strict=True)]
         before = []  # text tokens of each request already in the deep KV
         for i in range(num_reqs):
             vision_now = q_len[i] - q_text[i]
-            if first_pos[i] == 0:  # a whole prompt (chunked prefill is off): a new (or recomputed) request
+            if done[i] == 0:  # a whole prompt (chunked prefill is off): a new (or recomputed) request
                 self._vision_counts[first_block[i]] = vision_now
                 before.append(0)
                 continue
             # The engine settings checked at start make both impossible; stop rather than answer wrongly.
             if vision_now:
                 raise RuntimeError(
-                    f"{type(self).__name__}: a request has {vision_now} vision tokens after its prefill (position "
-                    f"{first_pos[i]}), so its prompt was prefilled in pieces although chunked prefill is off; "
+                    f"{type(self).__name__}: a request has {vision_now} vision tokens after its prefill (token "
+                    f"{done[i]}), so its prompt was prefilled in pieces although chunked prefill is off; "
                     "please report this with the engine arguments"
                 )
             if first_block[i] not in self._vision_counts:
                 raise RuntimeError(
-                    f"{type(self).__name__}: a request continues at position {first_pos[i]} but its prefill was not seen "
+                    f"{type(self).__name__}: a request continues at token {done[i]} but its prefill was not seen "
                     "(it started from KV computed elsewhere); please report this with the engine arguments"
                 )
-            before.append(first_pos[i] - self._vision_counts[first_block[i]])
+            before.append(done[i] - self._vision_counts[first_block[i]])
         keep = [i for i in range(num_reqs) if q_text[i]]
         return keep, [q_text[i] for i in keep], [before[i] for i in keep]
 
@@ -468,3 +471,8 @@ class DPVRLlavaOnevisionForConditionalGeneration(_DPVRForConditionalGeneration,
                                                  LlavaOnevisionForConditionalGeneration):
     """vLLM's LLaVA-OneVision (Qwen2 decoder; anyres images and pooled video frames: all vision tokens) with
     DPVR-LF."""
+
+
+class DPVRQwen2_5_VLForConditionalGeneration(_DPVRForConditionalGeneration, Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL (Qwen2 decoder, M-RoPE positions ``[3, N]`` from vLLM, gathered per token like 1-D ones)
+    with DPVR-LF."""

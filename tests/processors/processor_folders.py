@@ -76,9 +76,10 @@ GLM_SPECIAL = ["<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|video|>
                "<|end_of_video|>"]
 
 
-def make_qwen_folder(folder: Path, name: str = "qwen2_5_vl", layers: int = 4, seed: int = 1) -> Path:
+def make_qwen_folder(folder: Path, name: str = "qwen2_5_vl", layers: int = 4, seed: int = 1, **shape) -> Path:
     """A tiny random M-RoPE model with its processor, saved in ``folder``: Qwen2-VL, Qwen2.5-VL (patch 14),
-    Qwen3-VL (patch 16, deepstack after layers 0 and 1) or GLM-4V (partial rotary; its own image markers)."""
+    Qwen3-VL (patch 16, deepstack after layers 0 and 1) or GLM-4V (partial rotary; its own image markers).
+    ``shape``: decoder overrides (``hidden_size``, ``rope_parameters``, ...)."""
     import transformers as T
 
     glm = name == "glm4v"
@@ -123,6 +124,8 @@ def make_qwen_folder(folder: Path, name: str = "qwen2_5_vl", layers: int = 4, se
         video_cls = T.models.glm4v.video_processing_glm4v.Glm4vVideoProcessor
     else:
         raise ValueError(name)
+    text.update(shape)
+    vision["hidden_size" if name == "qwen2_vl" else "out_hidden_size"] = text["hidden_size"]  # the merger's output
     cfg = getattr(T, f"{prefix}Config")(text_config=text, vision_config=vision, **common)
     patch = vision["patch_size"]
     factor = patch * 2

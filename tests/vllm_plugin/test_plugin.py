@@ -21,8 +21,10 @@ from vllm_folders import (
     make_dpvr_folder,
     make_next_stock_folder,
     make_onevision_stock_folder,
+    make_qwen_stock_folder,
     make_stock_folder,
     prompts,
+    qwen_prompts,
 )
 
 import dpvr_kernels
@@ -45,15 +47,15 @@ def folders(tmp_path_factory):
     return stock, make_dpvr_folder(stock, root / "dpvr")
 
 
-def hf_greedy(folder, patched: bool, extra=()) -> tuple[list[list[int]], list[list[float]]]:
-    """Per prompt (``prompts()`` and ``extra``), one at a time: greedy tokens and their log-probabilities from HF
-    ``generate``."""
+def hf_greedy(folder, patched: bool, extra=(), base=None) -> tuple[list[list[int]], list[list[float]]]:
+    """Per prompt (``base``, default ``prompts()``, and ``extra``), one at a time: greedy tokens and their
+    log-probabilities from HF ``generate``."""
     proc = AutoProcessor.from_pretrained(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     if patched:
         dpvr_kernels.patch(model)  # route layer and the trained side branch come from the checkpoint
     tokens, logprobs = [], []
-    items = [*prompts(), *extra]
+    items = [*(base or prompts()), *extra]
     for (text, imgs), n in zip(items, NEW_TOKENS[: len(items)], strict=True):
         inputs = proc(images=imgs or None, text=text, return_tensors="pt")
         with torch.no_grad():
@@ -65,14 +67,14 @@ def hf_greedy(folder, patched: bool, extra=()) -> tuple[list[list[int]], list[li
     return tokens, logprobs
 
 
-def vllm_greedy(folder, extra=(), **engine) -> tuple[list[list[int]], list[list[float]]]:
+def vllm_greedy(folder, extra=(), base=None, **engine) -> tuple[list[list[int]], list[list[float]]]:
     """All prompts submitted together; at most 3 running at once, so new prefills join running decodes."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(folder), dtype="float32", max_model_len=256, max_num_seqs=3, max_num_batched_tokens=512,
               limit_mm_per_prompt={"image": 2}, seed=0, **engine)
     reqs = [{"prompt": t, "multi_modal_data": {"image": imgs}} if imgs else {"prompt": t}
-            for t, imgs in [*prompts(), *extra]]
+            for t, imgs in [*(base or prompts()), *extra]]
     params = [SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True, logprobs=0)
               for n in NEW_TOKENS[: len(reqs)]]
     outs = llm.generate(reqs, params)
@@ -154,6 +156,25 @@ def test_anyres_plugin_matches_hf_dpvr_generate(tmp_path, model_type):
     control = greedy_error(vllm_greedy(stock, **EAGER), stock_hf, f"stock {model_type}")
     print(f"{model_type}: log-prob error vs HF: DPVR-LF {error:.2e}, stock (control) {control:.2e}")
     assert error <= 2 * control + 1e-5, f"{model_type} log-probs differ by {error:.2e} (control {control:.2e})"
+    assert stock_hf[0] != want[0], "DPVR-LF gave stock's answers: nothing routed?"
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_qwen2_5_vl_plugin_matches_hf_dpvr_generate(tmp_path, compiled):
+    """Qwen2.5-VL: vLLM's M-RoPE positions ([3, N], compressed after each image, continued from the request's
+    delta in decode) gathered per token into the side branch and the text stream; the deep layers' cache slots
+    follow the tokens computed, not the (compressed) positions. HF DPVR-LF's greedy tokens, eager and compiled."""
+    stock = make_qwen_stock_folder(tmp_path / "stock")
+    dpvr = make_dpvr_folder(stock, tmp_path / "dpvr")
+    assert json.loads((dpvr / "config.json").read_text())["architectures"] == [ARCHITECTURES["qwen2_5_vl"]]
+    engine = REQUIRED_ENGINE_ARGS if compiled else EAGER
+    want = hf_greedy(dpvr, patched=True, base=qwen_prompts())
+    error = greedy_error(vllm_greedy(dpvr, base=qwen_prompts(), **engine), want, "DPVR-LF Qwen2.5-VL")
+    stock_hf = hf_greedy(stock, patched=False, base=qwen_prompts())
+    control = greedy_error(vllm_greedy(stock, base=qwen_prompts(), **engine), stock_hf, "stock Qwen2.5-VL")
+    print(f"qwen2_5_vl ({'compiled' if compiled else 'eager'}): log-prob error vs HF: DPVR-LF {error:.2e}, "
+          f"stock (control) {control:.2e}")
+    assert error <= 2 * control + 1e-5, f"Qwen2.5-VL log-probs differ by {error:.2e} (control {control:.2e})"
     assert stock_hf[0] != want[0], "DPVR-LF gave stock's answers: nothing routed?"
 
 

@@ -69,6 +69,24 @@ def make_onevision_stock_folder(folder: Path, seed: int = 6) -> Path:
     return _llava_hf_layout(folder)
 
 
+def make_qwen_stock_folder(folder: Path, seed: int = 7) -> Path:
+    """A Qwen2.5-VL model (windowed ViT, Qwen2 decoder with head size 32, M-RoPE sections 4/6/6) with its processor
+    (small pixel budgets: a few dozen vision tokens per image)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "processors"))
+    from processor_folders import make_qwen_folder
+
+    return make_qwen_folder(folder, "qwen2_5_vl", layers=NUM_LAYERS, seed=seed, hidden_size=128,
+                            max_position_embeddings=2048,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
+
+
+def qwen_prompts() -> list[tuple[str, list[Image.Image]]]:
+    """:func:`prompts` with Qwen's image placeholder."""
+    return [(text.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>"), imgs) for text, imgs in prompts()]
+
+
 def _llava_hf_layout(folder: Path) -> Path:
     # transformers 5 saves the CLIP tower flattened ([model.]vision_tower.embeddings...); stock vLLM 0.32 loads the
     # llava-hf layout (model.vision_tower.vision_model.embeddings...), which transformers also reads: use that.
