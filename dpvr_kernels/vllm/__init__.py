@@ -6,7 +6,7 @@ installed in vLLM's environment. A checkpoint saved by ``save_pretrained`` of a 
 served as usual::
 
     python -c "import dpvr_kernels.vllm as v; v.prepare_checkpoint('my-dpvr-llava')"
-    vllm serve my-dpvr-llava --no-enable-prefix-caching --no-enable-chunked-prefill
+    vllm serve my-dpvr-llava --no-enable-prefix-caching
 
 The model (``dpvr_kernels.vllm.model``) needs exactly vLLM ``TESTED_VLLM_VERSION`` and the engine flags in
 ``REQUIRED_ENGINE_ARGS``; it refuses other settings with an error that names the fix.
@@ -37,12 +37,12 @@ ARCHITECTURES = {"llava": ARCHITECTURE, "llava_next": "DPVRLlavaNextForCondition
                  "qwen2_5_vl": "DPVRQwen2_5_VLForConditionalGeneration"}
 """The architecture the plugin registers for each ``model_type`` it serves (one class each in ``model.py``)."""
 
-REQUIRED_ENGINE_ARGS = {"enable_prefix_caching": False, "enable_chunked_prefill": False}
-"""Engine settings the plugin needs (``LLM(**REQUIRED_ENGINE_ARGS, ...)``; CLI ``--no-enable-prefix-caching
---no-enable-chunked-prefill``). Each prompt is then prefilled whole in one step (its vision tokens meet the side
-branch together) and no request starts from another's cached blocks (the deep layers' text-only KV is keyed by
-each request's own blocks). vLLM's compilation (its default) or ``enforce_eager`` both work: the three layer
-ranges are compiled modules, the routing between them runs eagerly."""
+REQUIRED_ENGINE_ARGS = {"enable_prefix_caching": False}
+"""Engine settings the plugin needs (``LLM(**REQUIRED_ENGINE_ARGS, ...)``; CLI ``--no-enable-prefix-caching``): no
+request starts from another's cached blocks (the deep layers' text-only KV and the side branch's are found through
+each request's own blocks). Everything else may stay at vLLM's defaults: compiled graphs (the three layer ranges
+are compiled modules, the routing between them runs eagerly) and chunked prefill (the side branch keeps the
+earlier chunks' vision K/V); ``enforce_eager`` and ``--no-enable-chunked-prefill`` work too."""
 
 
 _FLAT_CLIP = re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)")

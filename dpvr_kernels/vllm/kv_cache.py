@@ -6,7 +6,9 @@ table; its manager (:class:`TextOnlyAttentionManager`) sizes each request's bloc
 vLLM then admits requests against that smaller footprint: more of them fit in the same KV memory.
 
 vLLM's scheduler knows a request's vision tokens (its multimodal placeholders); the manager only gets request ids,
-so :func:`_record_vision_tokens` notes each request's count as its slots are allocated. Importing this module
+so :func:`_record_vision_tokens` notes each request's placeholders as its slots are allocated. A prompt prefilled
+in chunks needs the text tokens among its first ``n`` tokens, for every ``n``: counted from where the placeholders
+sit. Importing this module
 registers the spec and its manager (it is imported in every vLLM process: by the model, and wherever a spec is
 unpickled).
 """
@@ -48,16 +50,28 @@ def text_only_spec(full: AttentionSpec) -> TextOnlyAttentionSpec:
     return TextOnlyAttentionSpec(**{f.name: getattr(full, f.name) for f in fields(TextOnlyAttentionSpec) if f.init})
 
 
-_VISION_TOKENS: dict[str, int] = {}
-"""Scheduler process: vision tokens of each request with text-only blocks, by request id."""
+_VISION_SPANS: dict[str, list] = {}
+"""Scheduler process: the multimodal placeholders (vLLM ``PlaceholderRange``) of each request with text-only blocks,
+by request id."""
+
+
+def _vision_before(span, num_tokens: int) -> int:
+    """Vision tokens (embedded positions) of one placeholder among a request's first ``num_tokens`` tokens."""
+    covered = min(max(num_tokens - span.offset, 0), span.length)
+    is_embed = getattr(span, "is_embed", None)
+    return covered if is_embed is None else int(is_embed[:covered].sum())
 
 
 def _text_tokens(request_id: str, num_tokens: int) -> int:
-    return max(num_tokens - _VISION_TOKENS.get(request_id, 0), 0)
+    """Text tokens among a request's first ``num_tokens`` tokens (all of them while its prompt is prefilled in
+    chunks, then the decoded ones)."""
+    vision = sum(_vision_before(span, num_tokens) for span in _VISION_SPANS.get(request_id, ()))
+    return max(num_tokens - vision, 0)
 
 
 class TextOnlyAttentionManager(FullAttentionManager):
-    """Full-attention block management, sized for a request's text tokens (prefix caching is off for DPVR-LF)."""
+    """Full-attention block management, sized for a request's text tokens so far (prefix caching is off for
+    DPVR-LF)."""
 
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks,
                                    total_computed_tokens: int, num_local_computed_tokens: int,
@@ -72,11 +86,11 @@ class TextOnlyAttentionManager(FullAttentionManager):
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
-        _VISION_TOKENS.pop(request_id, None)
+        _VISION_SPANS.pop(request_id, None)
 
 
 def _record_vision_tokens(allocate_slots):
-    """Wraps ``KVCacheManager.allocate_slots``: note the request's vision tokens before its blocks are sized."""
+    """Wraps ``KVCacheManager.allocate_slots``: note the request's placeholders before its blocks are sized."""
 
     @functools.wraps(allocate_slots)
     def wrapper(self: KVCacheManager, request, *args, **kwargs):
@@ -85,7 +99,7 @@ def _record_vision_tokens(allocate_slots):
             managers = getattr(self.coordinator, "single_type_managers", ())
             text_only = self._dpvr_text_only = any(isinstance(m, TextOnlyAttentionManager) for m in managers)
         if text_only:
-            _VISION_TOKENS[request.request_id] = sum(f.mm_position.get_num_embeds() for f in request.mm_features or ())
+            _VISION_SPANS[request.request_id] = [f.mm_position for f in request.mm_features or ()]
         return allocate_slots(self, request, *args, **kwargs)
 
     wrapper._dpvr_wrapped = True

@@ -19,6 +19,7 @@ Imported by vLLM (through :func:`dpvr_kernels.vllm.register`) only when a DPVR c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Iterable
@@ -67,12 +68,8 @@ def _refuse_engine_settings(vllm_config: VllmConfig, name: str = ARCHITECTURE) -
     wrong = []
     if vllm_config.cache_config.enable_prefix_caching:
         wrong.append("enable_prefix_caching=False (--no-enable-prefix-caching)")
-    if vllm_config.scheduler_config.enable_chunked_prefill:
-        wrong.append("enable_chunked_prefill=False (--no-enable-chunked-prefill)")
     if vllm_config.speculative_config is not None:
         wrong.append("no speculative decoding")
-    if vllm_config.scheduler_config.long_prefill_token_threshold:
-        wrong.append("long_prefill_token_threshold=0 (it splits prompts even with chunked prefill off)")
     if vllm_config.parallel_config.pipeline_parallel_size != 1:
         wrong.append("pipeline_parallel_size=1 (tensor parallelism is supported)")
     if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
@@ -85,7 +82,7 @@ def _refuse_engine_settings(vllm_config: VllmConfig, name: str = ARCHITECTURE) -
     if wrong:
         raise ValueError(
             f"{name} (DPVR-LF) needs " + ", ".join(wrong) + f"; the full set is {REQUIRED_ENGINE_ARGS}. "
-            "Each prompt must be prefilled whole in one step, from its own KV blocks, in eager mode"
+            "Each prompt must be prefilled from its own KV blocks"
         )
 
 
@@ -213,17 +210,24 @@ class _DPVRForConditionalGeneration:
                 f"cache cannot apply it over original positions; set max_model_len <= {window}"
             )
 
-        # The side branch: a layer of the backbone's own class (weights from the checkpoint's side branch), its
-        # vLLM Attention replaced by uncached varlen attention and taken out of the KV cache registry.
+        # The side branch: a layer of the backbone's own class (weights from the checkpoint's side branch). A prompt
+        # prefilled whole meets the side branch in one step: its vLLM Attention is replaced by uncached varlen
+        # attention and taken out of the KV cache registry. Under chunked prefill a later chunk's vision tokens
+        # attend to earlier chunks': the side branch keeps its vLLM Attention, a full-attention layer in the full
+        # layers' KV group (one layer's KV more per request), its vision tokens at compacted slots of the request's
+        # blocks there, like the text stream's in its own group.
         side_prefix = f"{prefix + '.' if prefix else ''}language_model.model.{SIDE_BRANCH}.{self.route_layer}"
         try:
             side = _side_branch_layer(layer_cls, vllm_config, side_prefix, text_config)
         except NotImplementedError as e:
             raise NotImplementedError(f"{type(self).__name__}: {e}") from None
-        stock_attn = side.self_attn.attn
-        vllm_config.compilation_config.static_forward_context.pop(stock_attn.layer_name)
-        side.self_attn.attn = SideBranchAttention(stock_attn.num_heads, stock_attn.num_kv_heads,
-                                                  stock_attn.head_size, stock_attn.impl.scale, window)
+        self._chunked = bool(vllm_config.scheduler_config.enable_chunked_prefill)
+        self._side_name = side.self_attn.attn.layer_name
+        if not self._chunked:
+            stock_attn = side.self_attn.attn
+            vllm_config.compilation_config.static_forward_context.pop(stock_attn.layer_name)
+            side.self_attn.attn = SideBranchAttention(stock_attn.num_heads, stock_attn.num_kv_heads,
+                                                      stock_attn.head_size, stock_attn.impl.scale, window)
         setattr(decoder, SIDE_BRANCH, side)
 
         backend = decoder.layers[0].self_attn.attn.get_attn_backend().get_name()
@@ -255,15 +259,16 @@ class _DPVRForConditionalGeneration:
         # request's vision count, and its metadata gives the step's requests and positions.
         self._full_name = decoder.layers[num_layers - 1].self_attn.attn.layer_name
         self._vllm_config = vllm_config
-        self._text_builder = None
+        self._builders: dict[tuple[str, ...], object] = {}
         # vLLM's own mask of the step's multimodal placeholder positions (the vision tokens), from embed_input_ids.
         # Not input_ids == image_token_id: a generated token may carry that id, and vLLM embeds it as text.
         self._vision_mask: Tensor | None = None
         # Without multimodal inputs (limit_mm_per_prompt 0, language_model_only) the runner feeds token ids and
         # never calls embed_input_ids: every token is text.
         self._multimodal_inputs = vllm_config.model_config.supports_multimodal_inputs
-        # Vision tokens of each running request, keyed by its first KV block (unique per live request when
-        # prefix caching is off): decode steps need them to place the request's text tokens in the deep KV.
+        # Vision tokens each running request has computed, keyed by its first KV block (unique per live request
+        # when prefix caching is off): later steps need them to place its text tokens in the deep KV (and, under
+        # chunked prefill, its vision tokens in the side branch's).
         self._vision_counts: dict[int, int] = {}
 
     # ------------------------------------------------------------------------------------------- weights
@@ -347,7 +352,7 @@ class _DPVRForConditionalGeneration:
             text_h, vision_h = route_split(hidden[None], plan, backend=self.backend)
             text_r, vision_r = route_split(residual[None], plan, backend=self.backend)
 
-        layout = self._text_stream_layout(step, positions, query_start, plan)
+        text_layout, vision_layout = self._stream_layouts(step, query_start, plan)
         if plan.num_text:
             # vLLM gives KV cache groups equal layer counts, so the deep layers may span several groups (r small
             # against N): each group has its own block table, hence its own slots.
@@ -355,82 +360,90 @@ class _DPVRForConditionalGeneration:
             for name in self._deep_names:
                 groups.setdefault(id(attn_metadata[name]), []).append(name)
             metadata = {name: meta for names in groups.values()
-                        for meta in [self._group_metadata(attn_metadata[names[0]], layout)] for name in names}
-            text_h, text_r = self._run_text_stream(metadata, plan, text_h, text_r)
+                        for meta in [self._group_metadata(attn_metadata[names[0]], text_layout)] for name in names}
+            with self._swapped_metadata(metadata, self._deep_names):
+                text_h, text_r = self._text_stream(plan.text_position_ids, text_h, text_r)
         if plan.num_vision:
             side = getattr(decoder, SIDE_BRANCH)
-            side.self_attn.attn.segments = plan.vision_seqlens
-            side.self_attn.attn.positions = plan.vision_position_ids.reshape(-1, plan.num_vision)[0]  # for windows
-            vision_h, vision_r = side(plan.vision_position_ids, vision_h, vision_r)
+            if self._chunked:  # the side branch's own KV: this step's vision tokens after the request's earlier ones
+                metadata = {self._side_name: self._group_metadata(attn_metadata[self._side_name], vision_layout)}
+                with self._swapped_metadata(metadata, [self._side_name]):
+                    vision_h, vision_r = side(plan.vision_position_ids, vision_h, vision_r)
+            else:
+                side.self_attn.attn.segments = plan.vision_seqlens
+                side.self_attn.attn.positions = plan.vision_position_ids.reshape(-1, plan.num_vision)[0]  # windows
+                vision_h, vision_r = side(plan.vision_position_ids, vision_h, vision_r)
         if all_text:
             return text_h, text_r
         hidden = fuse_merge(text_h, vision_h, hidden[None], plan, backend=self.backend)[0]
         residual = fuse_merge(text_r, vision_r, residual[None], plan, backend=self.backend)[0]
         return hidden, residual
 
-    def _run_text_stream(self, metadata: dict[str, CommonAttentionMetadata], plan, text_h: Tensor,
-                         text_r: Tensor) -> tuple[Tensor, Tensor]:
-        """Layers [r, N-f) on the text tokens, with the deep layers' metadata and slots swapped in."""
+    @contextlib.contextmanager
+    def _swapped_metadata(self, metadata: dict[str, CommonAttentionMetadata], names: list[str]):
+        """Within the block, the layers ``metadata`` names read it (built by the backend's own builder) and its
+        slots from the forward context: the text stream's or the side branch's view of the step."""
         ctx = get_forward_context()
         saved_metadata, saved_slots = ctx.attn_metadata, ctx.slot_mapping
-        built = {id(meta): self._builder().build(0, meta) for meta in metadata.values()}
+        builder = self._builder(tuple(names))
+        built = {id(meta): builder.build(0, meta) for meta in metadata.values()}
         ctx.attn_metadata = {**saved_metadata, **{name: built[id(meta)] for name, meta in metadata.items()}}
         ctx.slot_mapping = {**saved_slots, **{name: meta.slot_mapping for name, meta in metadata.items()}}
         try:
-            text_h, text_r = self._text_stream(plan.text_position_ids, text_h, text_r)
+            yield
         finally:
             ctx.attn_metadata, ctx.slot_mapping = saved_metadata, saved_slots
-        return text_h, text_r
 
-    def _builder(self):
-        """The backend's own metadata builder for the deep layers (made once, at the first step)."""
-        if self._text_builder is None:
-            layer = get_forward_context().no_compile_layers[self._deep_names[0]]
+    def _builder(self, names: tuple[str, ...]):
+        """The backend's own metadata builder for these layers (made once, at the first step that needs it)."""
+        if names not in self._builders:
+            layer = get_forward_context().no_compile_layers[names[0]]
             backend = layer.get_attn_backend()
             spec = dataclasses.replace(layer.get_kv_cache_spec(self._vllm_config), block_size=self._block_size())
-            self._text_builder = backend.get_builder_cls()(spec, self._deep_names, self._vllm_config,
-                                                           layer.kv_cache.device)
-        return self._text_builder
+            self._builders[names] = backend.get_builder_cls()(spec, list(names), self._vllm_config,
+                                                              layer.kv_cache.device)
+        return self._builders[names]
 
     def _block_size(self) -> int:
         # CPU layout: [num_blocks, num_kv_heads, block_size, 2 * head_size]
         return get_forward_context().no_compile_layers[self._deep_names[0]].kv_cache.shape[2]
 
-    def _text_stream_layout(self, step, positions: Tensor, query_start: Tensor, plan) -> tuple[list[int], ...]:
-        """Per request with text this step (the kept ones): its row, its text queries, and its text tokens already
-        in the deep KV. Notes each new prompt's vision tokens; refuses what cannot be placed."""
+    def _stream_layouts(self, step, query_start: Tensor, plan) -> tuple[tuple[list[int], ...], tuple[list[int], ...]]:
+        """The text stream's and the side branch's view of the step, per request with such tokens (the kept ones):
+        its row, its queries now, and its tokens of that kind already in the stream's KV. Counts each request's
+        vision tokens across steps (prompts prefilled in chunks); refuses what cannot be placed."""
         num_reqs = query_start.numel() - 1
         first_block = step.block_table[:num_reqs, 0].tolist()
         q_text, q_len = list(plan.text_seqlens), (query_start[1:] - query_start[:-1]).tolist()
+        q_vision = [q - t for q, t in zip(q_len, q_text, strict=True)]
         # Tokens each request computed before this step (not its first position: M-RoPE compresses positions).
         done = [int(s) - q for s, q in zip(step.seq_lens[:num_reqs].tolist(), q_len, strict=True)]
-        before = []  # text tokens of each request already in the deep KV
+        vision_before = []  # vision tokens of each request computed before this step
         for i in range(num_reqs):
-            vision_now = q_len[i] - q_text[i]
-            if done[i] == 0:  # a whole prompt (chunked prefill is off): a new (or recomputed) request
-                self._vision_counts[first_block[i]] = vision_now
-                before.append(0)
-                continue
-            # The engine settings checked at start make both impossible; stop rather than answer wrongly.
-            if vision_now:
+            if done[i] == 0:  # a new (or recomputed) request
+                self._vision_counts[first_block[i]] = 0
+            elif first_block[i] not in self._vision_counts:  # impossible without prefix caching: stop, not guess
                 raise RuntimeError(
-                    f"{type(self).__name__}: a request has {vision_now} vision tokens after its prefill (token "
-                    f"{done[i]}), so its prompt was prefilled in pieces although chunked prefill is off; "
-                    "please report this with the engine arguments"
+                    f"{type(self).__name__}: a request continues at token {done[i]} but its earlier tokens were not "
+                    "seen (it started from KV computed elsewhere); please report this with the engine arguments"
                 )
-            if first_block[i] not in self._vision_counts:
+            elif q_vision[i] and not self._chunked:
                 raise RuntimeError(
-                    f"{type(self).__name__}: a request continues at token {done[i]} but its prefill was not seen "
-                    "(it started from KV computed elsewhere); please report this with the engine arguments"
+                    f"{type(self).__name__}: a request has {q_vision[i]} vision tokens after token {done[i]}, so its "
+                    "prompt was prefilled in pieces although chunked prefill is off; please report this with the "
+                    "engine arguments"
                 )
-            before.append(done[i] - self._vision_counts[first_block[i]])
-        keep = [i for i in range(num_reqs) if q_text[i]]
-        return keep, [q_text[i] for i in keep], [before[i] for i in keep]
+            vision_before.append(self._vision_counts[first_block[i]])
+            self._vision_counts[first_block[i]] += q_vision[i]
+        text = [i for i in range(num_reqs) if q_text[i]]
+        vision = [i for i in range(num_reqs) if q_vision[i]]
+        return ((text, [q_text[i] for i in text], [done[i] - vision_before[i] for i in text]),
+                (vision, [q_vision[i] for i in vision], [vision_before[i] for i in vision]))
 
     def _group_metadata(self, group_step, layout: tuple[list[int], ...]) -> CommonAttentionMetadata:
-        """One deep KV cache group's view of this step, for the backend's metadata builder: per kept request its
-        text queries, its text keys so far (seq_lens in text tokens), and the compacted slots of its text tokens in
-        the group's own blocks."""
+        """One stream's view of this step in one KV cache group, for the backend's metadata builder: per kept request
+        its queries, its keys so far (seq_lens in that stream's tokens), and the compacted slots of its tokens of
+        that stream in the group's blocks."""
         keep, q_text, before = layout
         device = group_step.block_table.device
         block_size = self._block_size()

@@ -71,7 +71,8 @@ def vllm_greedy(folder, extra=(), base=None, **engine) -> tuple[list[list[int]],
     """All prompts submitted together; at most 3 running at once, so new prefills join running decodes."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(folder), dtype="float32", max_model_len=256, max_num_seqs=3, max_num_batched_tokens=512,
+    budget = engine.pop("max_num_batched_tokens_override", 512)  # a small budget splits prompts into chunks
+    llm = LLM(model=str(folder), dtype="float32", max_model_len=256, max_num_seqs=3, max_num_batched_tokens=budget,
               limit_mm_per_prompt={"image": 2}, seed=0, **engine)
     reqs = [{"prompt": t, "multi_modal_data": {"image": imgs}} if imgs else {"prompt": t}
             for t, imgs in [*(base or prompts()), *extra]]
@@ -178,6 +179,33 @@ def test_qwen2_5_vl_plugin_matches_hf_dpvr_generate(tmp_path, compiled):
     assert stock_hf[0] != want[0], "DPVR-LF gave stock's answers: nothing routed?"
 
 
+@pytest.mark.parametrize("budget", [12, 20])
+def test_chunked_prefill_matches_unchunked_and_hf(folders, stock_error, budget, monkeypatch):
+    """Chunked prefill (vLLM's default) with a token budget that splits prompts inside an image (16 vision tokens)
+    and between two images: later chunks' vision tokens attend to the earlier chunks' through the side branch's
+    own KV, the deep layers' text slots follow the text tokens computed so far. The same tokens as a prompt
+    prefilled whole (no chunked prefill) and as HF DPVR-LF."""
+    from dpvr_kernels.vllm import model as plugin_model
+
+    layouts = plugin_model._DPVRForConditionalGeneration._stream_layouts
+    split = []  # steps where a request's vision tokens continue from an earlier step (the engine is in-process)
+
+    def spy(self, *args):
+        text, vision = layouts(self, *args)
+        split.extend(before for before in vision[2] if before)
+        return text, vision
+
+    monkeypatch.setattr(plugin_model._DPVRForConditionalGeneration, "_stream_layouts", spy)
+    _, dpvr = folders
+    want = hf_greedy(dpvr, patched=True)
+    chunked = vllm_greedy(dpvr, max_num_batched_tokens_override=budget, **EAGER)
+    assert split, "no image was split across steps: the budget did not chunk the prompts"
+    error = greedy_error(chunked, want, f"DPVR-LF, chunks of {budget} tokens")
+    assert error <= 2 * stock_error + 1e-5, f"chunked log-probs differ by {error:.2e} (control {stock_error:.2e})"
+    whole = vllm_greedy(dpvr, enable_chunked_prefill=False, **EAGER)
+    assert whole[0] == chunked[0]
+
+
 @pytest.mark.parametrize("route_layer", [0, 1])
 def test_plugin_matches_hf_at_low_route_layers(tmp_path, route_layer, stock_error):
     """Found by review: with many more deep layers than full ones vLLM splits the deep layers into several KV
@@ -250,7 +278,7 @@ def test_deep_layers_hold_blocks_for_text_tokens_only_so_more_requests_fit(tmp_p
     assert got["dpvr"]["peak_running"] > got["stock"]["peak_running"]
 
 
-CLI_FLAGS = {"enable_prefix_caching": "--no-enable-prefix-caching", "enable_chunked_prefill": "--no-enable-chunked-prefill"}
+CLI_FLAGS = {"enable_prefix_caching": "--no-enable-prefix-caching"}
 
 
 @pytest.mark.parametrize("flag", sorted(REQUIRED_ENGINE_ARGS))
@@ -325,7 +353,6 @@ def _engine_config(**changes):
 
 
 @pytest.mark.parametrize("change, named", [
-    ({"scheduler_config.long_prefill_token_threshold": 32}, "long_prefill_token_threshold=0"),
     ({"lora_config": object()}, "no LoRA adapters"),
     ({"kv_transfer_config": object()}, "no KV connector"),
     ({"speculative_config": object()}, "no speculative decoding"),
@@ -406,7 +433,7 @@ def test_openai_server_serves_the_dpvr_checkpoint(folders, tmp_path):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(dpvr), "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--limit-mm-per-prompt",
-           '{"image": 1}', "--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill"]
+           '{"image": 1}', "--enforce-eager", "--no-enable-prefix-caching"]
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
