@@ -2,9 +2,8 @@
 
 The same random LLaVA-1.5-shaped model (scaled to run on a CPU: 12 layers x 384, 576 vision tokens per image)
 served stock and as a DPVR-LF checkpoint. Stock runs as users run it: vLLM's defaults (compiled graphs, chunked
-prefill, prefix caching); only the model, dtype, context length and image limit are set. The plugin runs vLLM's
-default compilation with the two flags it still needs (``REQUIRED_ENGINE_ARGS``: no chunked prefill, no prefix
-caching). Workloads, each at the concurrency in its name (that many requests submitted together):
+prefill, prefix caching); only the model, dtype, context length and image limit are set. The plugin runs the same
+defaults but the one flag it still needs (``REQUIRED_ENGINE_ARGS``: no prefix caching). Workloads, each at the concurrency in its name (that many requests submitted together):
 
 * **unique images**: every round draws new images, so no request can reuse another's cached blocks; prefill
   (1 new token: the ideal is the cost model's prefill FLOP ratio) and generation (32 new tokens each);
@@ -39,7 +38,7 @@ TURN_TOKENS = 16
 SIZE = dict(hidden=128, heads=2, kv_heads=2, layers=4, image_size=56) if QUICK else BENCH_SIZE
 ENGINES = {
     "stock": ("stock vLLM, defaults (compiled, chunked prefill, prefix caching)", {}),
-    "dpvr": ("DPVR-LF plugin (compiled; no chunked prefill, no prefix caching)", REQUIRED_ENGINE_ARGS),
+    "dpvr": ("DPVR-LF plugin (compiled, chunked prefill; no prefix caching)", REQUIRED_ENGINE_ARGS),
 }
 ROUNDS = {1: 7, 8: 5, 32: 3}
 _SEEDS = itertools.count(1000)  # a new image set for every round: no cross-round cache hits
