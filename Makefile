@@ -47,20 +47,26 @@ processors-test: $(PSTAMP)
 	DPVR_PROCESSOR_TESTS=1 HF_HUB_OFFLINE=1 timeout 900 .venv-processors/bin/python -m pytest tests/processors -q
 
 # vLLM (issue 15) lives in its own venv and is never part of `make test`.
-vllm-env:
-	bash scripts/vllm_env.sh .venv-vllm
+VSTAMP := .venv-vllm/.dpvr-installed
 
-vllm-phase0: vllm-env
+$(VSTAMP): pyproject.toml setup.py scripts/vllm_env.sh scripts/patch_torchvision.py $(wildcard csrc/*)
+	bash scripts/vllm_env.sh .venv-vllm
+	touch $(VSTAMP)
+
+vllm-env: $(VSTAMP)
+
+vllm-phase0: $(VSTAMP)
 	VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 timeout 900 .venv-vllm/bin/python scripts/vllm_phase0.py
 
-# The plugin's tests: vLLM with DPVR-LF == HF DPVR-LF generate, stock control, TP 2, KV capacity, refusals
-# (about 2 min on 2 cores, the environment check included).
-vllm-test: vllm-env
+# The plugin's tests: vLLM with DPVR-LF == HF DPVR-LF generate (LLaVA, NeXT, OneVision, Qwen2.5-VL; eager, compiled,
+# chunked prefill), stock controls, TP 2, KV capacity, refusals (about 6 min on 2 cores).
+vllm-test: $(VSTAMP)
 	DPVR_VLLM_TESTS=1 HF_HUB_OFFLINE=1 timeout 1800 .venv-vllm/bin/python -m pytest tests/vllm_plugin -q
 
-# vLLM throughput stock vs plugin at 8 concurrent requests (benchmarks/results/vllm_cpu.{md,json}), then the
-# requests that fit at once in the same KV memory (benchmarks/results/vllm_kv_cpu.{md,json}).
-vllm-bench: vllm-env
+# vLLM, stock at its defaults vs the plugin: unique images at 1/8/32 concurrent requests and a multi-turn workload
+# (benchmarks/results/vllm_cpu.{md,json}; about 10 min), then the requests that fit at once in the same KV memory
+# (benchmarks/results/vllm_kv_cpu.{md,json}).
+vllm-bench: $(VSTAMP)
 	DPVR_VLLM_TESTS=1 HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=2 \
 	DPVR_BENCH_OUT=benchmarks/results/vllm_cpu.md DPVR_BENCH_JSON=benchmarks/results/vllm_cpu.json \
 	timeout 1800 .venv-vllm/bin/python -m pytest benchmarks/test_bench_vllm_serving.py --benchmark-only -q
