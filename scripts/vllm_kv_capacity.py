@@ -68,7 +68,7 @@ def main() -> int:
         lines.append(f"| {name} | {groups} | {r['num_blocks']} | {r['blocks_per_request']} | {r['peak_running']} |")
     lines += ["", f"Requests at once, DPVR-LF / stock: {peak['dpvr'] / peak['stock']:.2f}x; ideal (cost model, KV bytes "
               f"per request stock / DPVR-LF, without block rounding): {ideal:.2f}x. Under chunked prefill (vLLM's "
-              f"default) the side branch keeps KV too, one full-attention layer more: "
+              f"default) the side branch keeps KV too, in blocks for its vision tokens only: "
               f"{peak['dpvr, chunked prefill'] / peak['stock']:.2f}x."]
     text_out = "\n".join(lines) + "\n"
     print(text_out)

@@ -29,7 +29,8 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager  # no
 from vllm.v1.kv_cache_interface import AttentionSpec  # noqa: E402
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry  # noqa: E402
 
-__all__ = ["TextOnlyAttentionManager", "TextOnlyAttentionSpec", "text_only_spec"]
+__all__ = ["TextOnlyAttentionManager", "TextOnlyAttentionSpec", "VisionOnlyAttentionManager", "VisionOnlyAttentionSpec",
+           "text_only_spec", "vision_only_spec"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,14 +46,33 @@ class TextOnlyAttentionSpec(AttentionSpec):
         return cdiv(vllm_config.model_config.max_model_len, self.block_size) * self.page_size_bytes
 
 
+@dataclass(frozen=True, kw_only=True)
+class VisionOnlyAttentionSpec(AttentionSpec):
+    """Full causal attention whose cache holds a request's vision tokens only (the side branch under chunked
+    prefill: a later chunk's vision tokens attend to the earlier chunks')."""
+
+    def max_memory_usage_bytes(self, vllm_config: VllmConfig) -> int:
+        # The worst case is a request of vision tokens only.
+        return cdiv(vllm_config.model_config.max_model_len, self.block_size) * self.page_size_bytes
+
+
+def _twin(spec_cls: type, full: AttentionSpec) -> AttentionSpec:
+    return spec_cls(**{f.name: getattr(full, f.name) for f in fields(spec_cls) if f.init})
+
+
 def text_only_spec(full: AttentionSpec) -> TextOnlyAttentionSpec:
     """The text-only twin of a layer's full-attention spec (same heads, dtype, block size)."""
-    return TextOnlyAttentionSpec(**{f.name: getattr(full, f.name) for f in fields(TextOnlyAttentionSpec) if f.init})
+    return _twin(TextOnlyAttentionSpec, full)
+
+
+def vision_only_spec(full: AttentionSpec) -> VisionOnlyAttentionSpec:
+    """The vision-only twin of a layer's full-attention spec (same heads, dtype, block size)."""
+    return _twin(VisionOnlyAttentionSpec, full)
 
 
 _VISION_SPANS: dict[str, list] = {}
-"""Scheduler process: the multimodal placeholders (vLLM ``PlaceholderRange``) of each request with text-only blocks,
-by request id."""
+"""Scheduler process: the multimodal placeholders (vLLM ``PlaceholderRange``) of each request with text-only or
+vision-only blocks, by request id."""
 
 
 def _vision_before(span, num_tokens: int) -> int:
@@ -62,31 +82,49 @@ def _vision_before(span, num_tokens: int) -> int:
     return covered if is_embed is None else int(is_embed[:covered].sum())
 
 
+def _vision_tokens(request_id: str, num_tokens: int) -> int:
+    """Vision tokens among a request's first ``num_tokens`` tokens."""
+    return sum(_vision_before(span, num_tokens) for span in _VISION_SPANS.get(request_id, ()))
+
+
 def _text_tokens(request_id: str, num_tokens: int) -> int:
     """Text tokens among a request's first ``num_tokens`` tokens (all of them while its prompt is prefilled in
     chunks, then the decoded ones)."""
-    vision = sum(_vision_before(span, num_tokens) for span in _VISION_SPANS.get(request_id, ()))
-    return max(num_tokens - vision, 0)
+    return max(num_tokens - _vision_tokens(request_id, num_tokens), 0)
 
 
-class TextOnlyAttentionManager(FullAttentionManager):
-    """Full-attention block management, sized for a request's text tokens so far (prefix caching is off for
-    DPVR-LF)."""
+class _StreamManager(FullAttentionManager):
+    """Full-attention block management, sized for one stream's tokens among a request's first ``num_tokens``
+    (``_count``; prefix caching is off for DPVR-LF)."""
+
+    _count = staticmethod(lambda request_id, num_tokens: num_tokens)
 
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks,
                                    total_computed_tokens: int, num_local_computed_tokens: int,
                                    num_tokens_main_model: int, *args, **kwargs) -> int:
         return super().get_num_blocks_to_allocate(
-            request_id, _text_tokens(request_id, num_tokens), new_computed_blocks, total_computed_tokens,
-            num_local_computed_tokens, _text_tokens(request_id, num_tokens_main_model), *args, **kwargs)
+            request_id, self._count(request_id, num_tokens), new_computed_blocks, total_computed_tokens,
+            num_local_computed_tokens, self._count(request_id, num_tokens_main_model), *args, **kwargs)
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
-        return super().allocate_new_blocks(request_id, _text_tokens(request_id, num_tokens),
-                                           _text_tokens(request_id, num_tokens_main_model))
+        return super().allocate_new_blocks(request_id, self._count(request_id, num_tokens),
+                                           self._count(request_id, num_tokens_main_model))
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
         _VISION_SPANS.pop(request_id, None)
+
+
+class TextOnlyAttentionManager(_StreamManager):
+    """Blocks for a request's text tokens so far (the deep layers)."""
+
+    _count = staticmethod(_text_tokens)
+
+
+class VisionOnlyAttentionManager(_StreamManager):
+    """Blocks for a request's vision tokens so far (the side branch under chunked prefill)."""
+
+    _count = staticmethod(_vision_tokens)
 
 
 def _record_vision_tokens(allocate_slots):
@@ -97,7 +135,7 @@ def _record_vision_tokens(allocate_slots):
         text_only = getattr(self, "_dpvr_text_only", None)
         if text_only is None:
             managers = getattr(self.coordinator, "single_type_managers", ())
-            text_only = self._dpvr_text_only = any(isinstance(m, TextOnlyAttentionManager) for m in managers)
+            text_only = self._dpvr_text_only = any(isinstance(m, _StreamManager) for m in managers)
         if text_only:
             _VISION_SPANS[request.request_id] = [f.mm_position for f in request.mm_features or ()]
         return allocate_slots(self, request, *args, **kwargs)
@@ -109,6 +147,7 @@ def _record_vision_tokens(allocate_slots):
 def _register() -> None:
     KVCacheSpecRegistry._ensure_registered()  # the built-in specs first: registering ours would otherwise skip them
     KVCacheSpecRegistry.register(TextOnlyAttentionSpec, TextOnlyAttentionManager)
+    KVCacheSpecRegistry.register(VisionOnlyAttentionSpec, VisionOnlyAttentionManager)
     if not getattr(KVCacheManager.allocate_slots, "_dpvr_wrapped", False):
         KVCacheManager.allocate_slots = _record_vision_tokens(KVCacheManager.allocate_slots)
 

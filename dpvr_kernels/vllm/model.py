@@ -54,7 +54,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 from ..models.attention import attend_segments  # noqa: E402
 from ..ops import fuse_merge, route_split  # noqa: E402
 from ..plan import build_route_plan_from_mask  # noqa: E402
-from .kv_cache import text_only_spec  # noqa: E402
+from .kv_cache import text_only_spec, vision_only_spec  # noqa: E402
 
 __all__ = ["DPVRLlavaForConditionalGeneration", "DPVRLlavaNextForConditionalGeneration",
            "DPVRLlavaOnevisionForConditionalGeneration", "DPVRQwen2_5_VLForConditionalGeneration", "SideBranchAttention"]
@@ -178,6 +178,10 @@ def _text_only_kv_cache_spec(attn: nn.Module, vllm_config: VllmConfig):
     return text_only_spec(type(attn).get_kv_cache_spec(attn, vllm_config))
 
 
+def _vision_only_kv_cache_spec(attn: nn.Module, vllm_config: VllmConfig):
+    return vision_only_spec(type(attn).get_kv_cache_spec(attn, vllm_config))
+
+
 class _DPVRForConditionalGeneration:
     """DPVR-LF on one of vLLM's LLaVA-family classes (mixed in before it): route at layer ``r``, a one-layer side
     branch, text-only layers ``[r, N-f)`` with a text-only KV cache, fusion layers ``[N-f, N)``. Settings from
@@ -213,9 +217,8 @@ class _DPVRForConditionalGeneration:
         # The side branch: a layer of the backbone's own class (weights from the checkpoint's side branch). A prompt
         # prefilled whole meets the side branch in one step: its vLLM Attention is replaced by uncached varlen
         # attention and taken out of the KV cache registry. Under chunked prefill a later chunk's vision tokens
-        # attend to earlier chunks': the side branch keeps its vLLM Attention, a full-attention layer in the full
-        # layers' KV group (one layer's KV more per request), its vision tokens at compacted slots of the request's
-        # blocks there, like the text stream's in its own group.
+        # attend to earlier chunks': the side branch keeps its vLLM Attention with a KV cache spec of its own
+        # (kv_cache.py: blocks for vision tokens only), its vision tokens at compacted slots, like the text stream.
         side_prefix = f"{prefix + '.' if prefix else ''}language_model.model.{SIDE_BRANCH}.{self.route_layer}"
         try:
             side = _side_branch_layer(layer_cls, vllm_config, side_prefix, text_config)
@@ -223,7 +226,10 @@ class _DPVRForConditionalGeneration:
             raise NotImplementedError(f"{type(self).__name__}: {e}") from None
         self._chunked = bool(vllm_config.scheduler_config.enable_chunked_prefill)
         self._side_name = side.self_attn.attn.layer_name
-        if not self._chunked:
+        if self._chunked:
+            attn = side.self_attn.attn
+            attn.get_kv_cache_spec = functools.partial(_vision_only_kv_cache_spec, attn)
+        else:
             stock_attn = side.self_attn.attn
             vllm_config.compilation_config.static_forward_context.pop(stock_attn.layer_name)
             side.self_attn.attn = SideBranchAttention(stock_attn.num_heads, stock_attn.num_kv_heads,

@@ -276,6 +276,13 @@ def test_deep_layers_hold_blocks_for_text_tokens_only_so_more_requests_fit(tmp_p
     for name, result in got.items():
         assert result["peak_running"] == min(len(reqs), 6 * got["stock"]["num_blocks"] // per_request[name]), name
     assert got["dpvr"]["peak_running"] > got["stock"]["peak_running"]
+    # Under chunked prefill the side branch keeps its vision tokens' KV in a group of its own (one layer, so vLLM
+    # makes every group one layer wide): 4 full layers x 9 blocks + 2 text-only x 1 + the side branch's 8 blocks.
+    chunked = kv_capacity(dpvr, reqs, kv_cache_memory_bytes=memory, chunked=True)
+    assert chunked["groups"] == ([("FullAttentionSpec", 1)] * 4 + [("TextOnlyAttentionSpec", 1)] * 2
+                                 + [("VisionOnlyAttentionSpec", 1)])
+    assert chunked["blocks_per_request"] == [[full]] * 4 + [[text]] * 2 + [[math.ceil(256 / 32)]]
+    assert got["stock"]["peak_running"] < chunked["peak_running"] <= got["dpvr"]["peak_running"]
 
 
 CLI_FLAGS = {"enable_prefix_caching": "--no-enable-prefix-caching"}

@@ -136,7 +136,7 @@ def kv_capacity(folder: Path, requests: list[dict], kv_cache_memory_bytes: int, 
     """Serve ``requests`` all at once from a KV cache of ``kv_cache_memory_bytes`` and count what fits: the KV
     groups (spec, layers), the blocks in the pool, each group's blocks per request after the prefill step, and the
     most requests running at once. The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), without
-    chunked prefill unless ``chunked`` (then the DPVR-LF side branch keeps KV: one more full-attention layer)."""
+    chunked prefill unless ``chunked`` (then the DPVR-LF side branch keeps KV, in a vision-only group of its own)."""
     from vllm import LLM, SamplingParams
 
     from dpvr_kernels.vllm import REQUIRED_ENGINE_ARGS
