@@ -92,7 +92,8 @@ def _route_forward(lm, hidden: Tensor, vision_mask: Tensor, attention_mask, posi
             text = layer_call(lm.layers[i], text, text_cache, attention_mask=None, position_embeddings=pe,
                               position_ids=text_pos, use_cache=use_cache, dpvr_segments=segments,
                               **weights_kwargs(trace), **layer_kwargs)
-            trace.record_deep_text(i, text[0].to(hidden.device))
+            if trace.wants(i + 1):  # only when asked: nothing extra on the hot path
+                trace.record_deep_text(i, text[0].to(hidden.device))
         text = text[0].to(hidden.device)  # a device_map may have put the last deep layer elsewhere
     elif text_cache is not None:
         # No text token in the batch (prompts of vision tokens only): the deep layers have nothing to run, but their
