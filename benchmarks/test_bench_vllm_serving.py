@@ -3,13 +3,13 @@
 The same random LLaVA-1.5-shaped model (scaled to run on a CPU: 12 layers x 384, 576 vision tokens per image)
 served stock and as a DPVR-LF checkpoint. Stock runs as users run it: vLLM's defaults (compiled graphs, chunked
 prefill, prefix caching); only the model, dtype, context length and image limit are set. The plugin runs the same
-defaults but the one flag it still needs (``REQUIRED_ENGINE_ARGS``: no prefix caching). Workloads, each at the concurrency in its name (that many requests submitted together):
+defaults. Workloads, each at the concurrency in its name (that many requests submitted together):
 
 * **unique images**: every round draws new images, so no request can reuse another's cached blocks; prefill
   (1 new token: the ideal is the cost model's prefill FLOP ratio) and generation (32 new tokens each);
 * **multi-turn**: each conversation asks three questions about its image, each turn sending the conversation so
-  far (the previous answers included); new images every round. Stock's prefix cache serves turns 2 and 3 from the
-  blocks of turn 1; the plugin recomputes them.
+  far (the previous answers included); new images every round. Both engines' prefix caches serve turns 2 and 3
+  from the blocks of the turns before (the plugin's text-only and side-branch blocks included).
 
 Not collected by ``make test`` (tests and benchmarks conftest).
 """
@@ -29,7 +29,6 @@ sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "tes
 from vllm_folders import BENCH_SIZE, bench_question, bench_requests, make_dpvr_folder, make_stock_folder  # noqa: E402
 
 from dpvr_kernels import cost_model  # noqa: E402
-from dpvr_kernels.vllm import REQUIRED_ENGINE_ARGS  # noqa: E402
 
 pytest.importorskip("vllm", reason="the vLLM environment: make vllm-env && make vllm-bench")
 
@@ -38,7 +37,7 @@ TURN_TOKENS = 16
 SIZE = dict(hidden=128, heads=2, kv_heads=2, layers=4, image_size=56) if QUICK else BENCH_SIZE
 ENGINES = {
     "stock": ("stock vLLM, defaults (compiled, chunked prefill, prefix caching)", {}),
-    "dpvr": ("DPVR-LF plugin (compiled, chunked prefill; no prefix caching)", REQUIRED_ENGINE_ARGS),
+    "dpvr": ("DPVR-LF plugin, defaults (compiled, chunked prefill, prefix caching)", {}),
 }
 ROUNDS = {1: 7, 8: 5, 32: 3}
 _SEEDS = itertools.count(1000)  # a new image set for every round: no cross-round cache hits
@@ -100,30 +99,35 @@ def test_unique_images(benchmark, record, engine, folders, new_tokens, concurren
            name=_label(which), baseline=which == "stock", ideal=ideal, note=rate)
 
 
-def _conversation_turns(llm, concurrency: int, seed: int) -> int:
-    """Three turns of ``concurrency`` conversations about one new image each; returns the output tokens."""
+def _conversation_turns(llm, concurrency: int, seed: int) -> tuple[int, int]:
+    """Three turns of ``concurrency`` conversations about one new image each; returns the output tokens and the
+    prompt tokens turns 2 and 3 found in the prefix cache."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=TURN_TOKENS, min_tokens=TURN_TOKENS, ignore_eos=True)
     convs = bench_requests(concurrency, seed=seed)
-    made = 0
+    made = cached = 0
     for turn in range(3):
         outs = llm.generate(convs, params, use_tqdm=False)
         made += sum(len(o.outputs[0].token_ids) for o in outs)
+        cached += sum(o.num_cached_tokens or 0 for o in outs) if turn else 0
         convs = [{"prompt": f"{c['prompt']}{o.outputs[0].text} USER : {bench_question(i + turn + 1)} ASSISTANT :",
                   "multi_modal_data": c["multi_modal_data"]} for i, (c, o) in enumerate(zip(convs, outs, strict=True))]
-    return made
+    return made, cached
 
 
 @pytest.mark.parametrize("concurrency", [8])
 def test_multi_turn(benchmark, record, engine, concurrency):
     which, llm = engine
-    assert _conversation_turns(llm, concurrency, next(_SEEDS)) == 3 * concurrency * TURN_TOKENS
+    made, cached = _conversation_turns(llm, concurrency, next(_SEEDS))
+    assert made == 3 * concurrency * TURN_TOKENS
+    if not QUICK:  # 576 vision tokens from the 4th token on: each later turn finds at least 4 blocks of 128
+        assert cached >= 2 * concurrency * 512, f"{which}: turns 2 and 3 found {cached} tokens in the prefix cache"
 
     def fresh():
         return (next(_SEEDS),), {}
 
-    measure(benchmark, lambda seed: _conversation_turns(llm, concurrency, seed), setup=fresh, rounds=5, warmup=1)
+    measure(benchmark, lambda seed: _conversation_turns(llm, concurrency, seed)[0], setup=fresh, rounds=5, warmup=1)
     median = median_s(benchmark)
     rate = f"{3 * concurrency * TURN_TOKENS / median:.1f} output tok/s" if median else ""
     record(benchmark, group=f"multi-turn, {concurrency} conversations x 3 questions about one image, "

@@ -6,10 +6,14 @@ installed in vLLM's environment. A checkpoint saved by ``save_pretrained`` of a 
 served as usual::
 
     python -c "import dpvr_kernels.vllm as v; v.prepare_checkpoint('my-dpvr-llava')"
-    vllm serve my-dpvr-llava --no-enable-prefix-caching
+    vllm serve my-dpvr-llava
 
-The model (``dpvr_kernels.vllm.model``) needs exactly vLLM ``TESTED_VLLM_VERSION`` and the engine flags in
-``REQUIRED_ENGINE_ARGS``; it refuses other settings with an error that names the fix.
+The model (``dpvr_kernels.vllm.model``) needs exactly vLLM ``TESTED_VLLM_VERSION``. It runs at vLLM's default engine
+settings: compiled graphs (the three layer ranges are compiled modules, the routing between them runs eagerly),
+chunked prefill and prefix caching (the side branch and the deep layers keep compacted KV of their own, cached under
+keys that chain over the whole prefix); ``enforce_eager``, ``--no-enable-chunked-prefill`` and
+``--no-enable-prefix-caching`` work too. It refuses the few settings it cannot serve (pipeline parallelism, LoRA,
+speculative decoding, KV connectors) with an error that names the fix.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from collections.abc import Iterable
 from ..models.backbone import SIDE_BRANCH
 from ..models.checkpoint import saved_tensors
 
-__all__ = ["ARCHITECTURE", "ARCHITECTURES", "REQUIRED_ENGINE_ARGS", "TESTED_VLLM_VERSION", "check_side_branch_weights",
+__all__ = ["ARCHITECTURE", "ARCHITECTURES", "TESTED_VLLM_VERSION", "check_side_branch_weights",
            "check_vllm_version", "checkpoint_route", "llava_hf_key", "prepare_checkpoint", "register"]
 
 TESTED_VLLM_VERSION = "0.32.0"
@@ -36,14 +40,6 @@ ARCHITECTURES = {"llava": ARCHITECTURE, "llava_next": "DPVRLlavaNextForCondition
                  "llava_onevision": "DPVRLlavaOnevisionForConditionalGeneration",
                  "qwen2_5_vl": "DPVRQwen2_5_VLForConditionalGeneration"}
 """The architecture the plugin registers for each ``model_type`` it serves (one class each in ``model.py``)."""
-
-REQUIRED_ENGINE_ARGS = {"enable_prefix_caching": False}
-"""Engine settings the plugin needs (``LLM(**REQUIRED_ENGINE_ARGS, ...)``; CLI ``--no-enable-prefix-caching``): no
-request starts from another's cached blocks (the deep layers' text-only KV and the side branch's are found through
-each request's own blocks). Everything else may stay at vLLM's defaults: compiled graphs (the three layer ranges
-are compiled modules, the routing between them runs eagerly) and chunked prefill (the side branch keeps the
-earlier chunks' vision K/V); ``enforce_eager`` and ``--no-enable-chunked-prefill`` work too."""
-
 
 _FLAT_CLIP = re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)")
 

@@ -5,12 +5,16 @@ cache spec of their own (:class:`TextOnlyAttentionSpec`) puts them in their own 
 table; its manager (:class:`TextOnlyAttentionManager`) sizes each request's blocks for ``tokens - vision tokens``.
 vLLM then admits requests against that smaller footprint: more of them fit in the same KV memory.
 
-vLLM's scheduler knows a request's vision tokens (its multimodal placeholders); the manager only gets request ids,
-so :func:`_record_vision_tokens` notes each request's placeholders as its slots are allocated. A prompt prefilled
-in chunks needs the text tokens among its first ``n`` tokens, for every ``n``: counted from where the placeholders
-sit. Importing this module
-registers the spec and its manager (it is imported in every vLLM process: by the model, and wherever a spec is
-unpickled).
+vLLM's scheduler knows a request's vision tokens (its multimodal placeholders); the managers only get request ids,
+so the wrapped ``KVCacheManager`` methods note each request as it is looked up and allocated. A prompt prefilled in
+chunks needs the text tokens among its first ``n`` tokens, for every ``n``: counted from where the placeholders sit.
+The side branch's vision-only group (:class:`VisionOnlyAttentionSpec`) works the same way for vision tokens.
+
+Prefix caching works on these compacted blocks too (:class:`_StreamManager`): their keys chain over the whole
+prefix, and a hit that ends inside one of their blocks takes it through vLLM's copy-on-write.
+
+Importing this module registers the specs and their managers (it is imported in every vLLM process: by the model,
+and wherever a spec is unpickled).
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ check_vllm_version()
 from vllm.config import VllmConfig  # noqa: E402
 from vllm.utils.math_utils import cdiv  # noqa: E402
 from vllm.v1.core.kv_cache_manager import KVCacheManager  # noqa: E402
+from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id  # noqa: E402
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager  # noqa: E402
 from vllm.v1.kv_cache_interface import AttentionSpec  # noqa: E402
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry  # noqa: E402
 
 __all__ = ["TextOnlyAttentionManager", "TextOnlyAttentionSpec", "VisionOnlyAttentionManager", "VisionOnlyAttentionSpec",
-           "text_only_spec", "vision_only_spec"]
+           "text_only_spec", "vision_only_spec", "vision_tokens_before"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,9 +75,12 @@ def vision_only_spec(full: AttentionSpec) -> VisionOnlyAttentionSpec:
     return _twin(VisionOnlyAttentionSpec, full)
 
 
-_VISION_SPANS: dict[str, list] = {}
-"""Scheduler process: the multimodal placeholders (vLLM ``PlaceholderRange``) of each request with text-only or
-vision-only blocks, by request id."""
+_REQUESTS: dict[str, object] = {}
+"""Scheduler process: each request with text-only or vision-only blocks (vLLM ``Request``: its multimodal
+placeholders and block hashes), by request id, from its first cache lookup or allocation until it is freed."""
+
+_LOOKUP: list = [None]
+"""Scheduler process: the request whose prefix-cache hit is being looked up (the finder gets its hashes only)."""
 
 
 def _vision_before(span, num_tokens: int) -> int:
@@ -82,9 +90,17 @@ def _vision_before(span, num_tokens: int) -> int:
     return covered if is_embed is None else int(is_embed[:covered].sum())
 
 
+def vision_tokens_before(mm_features, num_tokens: int) -> int:
+    """Vision tokens among the first ``num_tokens`` tokens of a request with these multimodal features (vLLM
+    ``MultiModalFeatureSpec``: their ``mm_position`` placeholders). The scheduler sizes blocks with it, the model
+    places a request's tokens in the compacted streams with it."""
+    return sum(_vision_before(f.mm_position, num_tokens) for f in mm_features or ())
+
+
 def _vision_tokens(request_id: str, num_tokens: int) -> int:
     """Vision tokens among a request's first ``num_tokens`` tokens."""
-    return sum(_vision_before(span, num_tokens) for span in _VISION_SPANS.get(request_id, ()))
+    request = _REQUESTS.get(request_id)
+    return vision_tokens_before(request.mm_features, num_tokens) if request is not None else 0
 
 
 def _text_tokens(request_id: str, num_tokens: int) -> int:
@@ -93,26 +109,133 @@ def _text_tokens(request_id: str, num_tokens: int) -> int:
     return max(num_tokens - _vision_tokens(request_id, num_tokens), 0)
 
 
+_COMPLETE = 1 << 30
+"""Set in the group id of a compacted block's *complete* key (every slot final), beside its *partial* keys: both
+kinds are keyed by the same prefix hashes, so they need key spaces of their own."""
+
+
 class _StreamManager(FullAttentionManager):
-    """Full-attention block management, sized for one stream's tokens among a request's first ``num_tokens``
-    (``_count``; prefix caching is off for DPVR-LF)."""
+    """Full-attention block management for one stream's tokens (``_count``: that stream's tokens among a request's
+    first ``n``), its blocks compacted: the stream's token ``k`` sits at slot ``k`` of the request's blocks.
+
+    Prefix caching. Block ``j`` holds stream tokens ``[j*B, (j+1)*B)``; their KV depends on every earlier token of the
+    request (images included, through layers ``[0, r)``), so its keys are vLLM's prefix hashes (each chains over the
+    whole prefix) at hash boundaries ``L``:
+
+    - its *complete* key at the first boundary where the block is full, valid for any prefix that extends it;
+    - a *partial* key at each boundary ``L`` where it holds the stream's last tokens before ``L`` (``S(L) % B``
+      of them, ``S`` the stream count). A hit that ends there takes the block through vLLM's copy-on-write, as vLLM
+      does for its own partial hits: the request writes its next tokens into a private copy.
+
+    A hit at ``L`` needs the complete blocks ``0 .. S(L)//B - 1`` and, unless ``S(L) % B == 0``, the partial block;
+    the finder returns the longest such ``L`` up to the full layers' hit. Counts handed to the base class (tokens,
+    computed tokens) are translated into the stream's tokens, so its allocation and copy-on-write logic apply as
+    they are. Keys are registered one scheduling step late: a hit scheduled in the step that computes a block
+    would copy it before it is written.
+    """
 
     _count = staticmethod(lambda request_id, num_tokens: num_tokens)
+    supports_fine_grained_hash_lookup = False  # hits land on scheduler-block boundaries
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._registered: dict[str, int] = {}  # per request: prefix tokens whose keys are registered
+        self._scheduled: dict[str, int] = {}  # per request: tokens passed to the last cache_blocks (computed by now)
 
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks,
                                    total_computed_tokens: int, num_local_computed_tokens: int,
                                    num_tokens_main_model: int, *args, **kwargs) -> int:
+        count = functools.partial(self._count, request_id)
         return super().get_num_blocks_to_allocate(
-            request_id, self._count(request_id, num_tokens), new_computed_blocks, total_computed_tokens,
-            num_local_computed_tokens, self._count(request_id, num_tokens_main_model), *args, **kwargs)
+            request_id, count(num_tokens), new_computed_blocks, count(total_computed_tokens),
+            count(num_local_computed_tokens), count(num_tokens_main_model), *args, **kwargs)
+
+    def add_local_computed_blocks(self, request_id: str, new_computed_blocks, num_local_computed_tokens: int,
+                                  num_external_computed_tokens: int) -> None:
+        self._registered[request_id] = num_local_computed_tokens  # a hit's keys exist already
+        super().add_local_computed_blocks(request_id, new_computed_blocks,
+                                          self._count(request_id, num_local_computed_tokens),
+                                          self._count(request_id, num_external_computed_tokens))
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
         return super().allocate_new_blocks(request_id, self._count(request_id, num_tokens),
                                            self._count(request_id, num_tokens_main_model))
 
-    def free(self, request_id: str) -> None:
-        super().free(request_id)
-        _VISION_SPANS.pop(request_id, None)
+    def cache_blocks(self, request, num_tokens: int, retention_interval: int | None = None, **kwargs) -> None:
+        if not self.enable_caching:
+            return
+        rid = request.request_id
+        computed = self._scheduled.get(rid, 0)
+        self._scheduled[rid] = num_tokens
+        self.register_keys(request, computed)
+        self.num_cached_block[rid] = self._count(rid, computed) // self.block_size
+
+    def register_keys(self, request, num_computed_tokens: int) -> None:
+        """Register the keys of the request's blocks for the hash boundaries up to ``num_computed_tokens`` (tokens
+        whose KV is written)."""
+        rid, h, bs = request.request_id, self.block_pool.hash_block_size, self.block_size
+        blocks = self.req_to_blocks.get(rid, [])
+        start = self._registered.get(rid, 0)
+        end = min(num_computed_tokens, len(request.block_hashes) * h)
+        boundary = (start // h + 1) * h
+        before = self._count(rid, boundary - h)
+        while boundary <= end:
+            now = self._count(rid, boundary)
+            block_hash = request.block_hashes[boundary // h - 1]
+            for j in range(before // bs, now // bs):  # blocks that became full within this hash block
+                self._insert(block_hash, self.kv_cache_group_id | _COMPLETE, blocks[j], boundary)
+            if now % bs:
+                self._insert(block_hash, self.kv_cache_group_id, blocks[now // bs], boundary)
+            before, boundary = now, boundary + h
+        self._registered[rid] = max(start, end // h * h)
+
+    def _insert(self, block_hash, group_id: int, block, num_tokens: int) -> None:
+        self.block_pool._insert_block_hash(make_block_hash_with_group_id(block_hash, group_id), block, num_tokens)
+
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length: int, kv_cache_group_ids: list[int], block_pool,
+                               kv_cache_spec, drop_eagle_block: bool, alignment_tokens: int, dcp_world_size: int = 1,
+                               pcp_world_size: int = 1):
+        request = _LOOKUP[0]
+        if request is None or request.block_hashes is not block_hashes:
+            raise RuntimeError("dpvr_kernels: a prefix-cache lookup for a request the plugin did not see start; "
+                               "please report this with the engine arguments")
+        count = functools.partial(cls._count, request.request_id)
+        h, bs = block_pool.hash_block_size, kv_cache_spec.block_size
+        groups = len(kv_cache_group_ids)
+        complete: list[list] = [[] for _ in range(groups)]  # the leading run of complete blocks that are cached
+        boundary, before = h, 0
+        while boundary <= min(max_length, len(block_hashes) * h):
+            now = count(boundary)
+            for _ in range(before // bs, now // bs):
+                found = block_pool.get_cached_block(block_hashes[boundary // h - 1],
+                                                    [g | _COMPLETE for g in kv_cache_group_ids])
+                if found is None:
+                    break
+                for blocks, block in zip(complete, found, strict=True):
+                    blocks.append(block)
+            else:
+                before, boundary = now, boundary + h
+                continue
+            break
+        for hit in range(max_length // alignment_tokens * alignment_tokens, 0, -alignment_tokens):
+            stream = count(hit)
+            if stream // bs > len(complete[0]):
+                continue
+            hit_blocks = [blocks[: stream // bs] for blocks in complete]
+            if stream % bs:
+                tail = block_pool.get_cached_block(block_hashes[hit // h - 1], kv_cache_group_ids)
+                if tail is None:
+                    continue
+                for blocks, block in zip(hit_blocks, tail, strict=True):
+                    blocks.append(block)
+            return tuple(hit_blocks), hit
+        return tuple([] for _ in range(groups)), 0
+
+    def pop_blocks_for_free(self, request_id: str):
+        self._registered.pop(request_id, None)
+        self._scheduled.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
 
 
 class TextOnlyAttentionManager(_StreamManager):
@@ -122,23 +245,50 @@ class TextOnlyAttentionManager(_StreamManager):
 
 
 class VisionOnlyAttentionManager(_StreamManager):
-    """Blocks for a request's vision tokens so far (the side branch under chunked prefill)."""
+    """Blocks for a request's vision tokens so far (the side branch, when chunked prefill or prefix caching lets a
+    request's vision tokens span steps)."""
 
     _count = staticmethod(_vision_tokens)
 
 
-def _record_vision_tokens(allocate_slots):
-    """Wraps ``KVCacheManager.allocate_slots``: note the request's placeholders before its blocks are sized."""
+def _stream_managers(kv_cache_manager: KVCacheManager) -> list[_StreamManager]:
+    managers = getattr(kv_cache_manager.coordinator, "single_type_managers", ())
+    return [m for m in managers if isinstance(m, _StreamManager)]
 
-    @functools.wraps(allocate_slots)
+
+def _record_request(method):
+    """Wraps a ``KVCacheManager`` method that gets a request before its blocks are looked up or sized: note the
+    request (its placeholders) for the stream managers."""
+
+    @functools.wraps(method)
     def wrapper(self: KVCacheManager, request, *args, **kwargs):
-        text_only = getattr(self, "_dpvr_text_only", None)
-        if text_only is None:
-            managers = getattr(self.coordinator, "single_type_managers", ())
-            text_only = self._dpvr_text_only = any(isinstance(m, _StreamManager) for m in managers)
-        if text_only:
-            _VISION_SPANS[request.request_id] = [f.mm_position for f in request.mm_features or ()]
-        return allocate_slots(self, request, *args, **kwargs)
+        if _stream_managers(self):
+            _REQUESTS[request.request_id] = request
+            _LOOKUP[0] = request
+        try:
+            return method(self, request, *args, **kwargs)
+        finally:
+            _LOOKUP[0] = None
+
+    wrapper._dpvr_wrapped = True
+    return wrapper
+
+
+def _register_then_free(free):
+    """Wraps ``KVCacheManager.free``: a finished (or preempted) request's last computed tokens get their keys
+    before its blocks go back to the pool (where they stay cached until reused)."""
+
+    @functools.wraps(free)
+    def wrapper(self: KVCacheManager, request, *args, **kwargs):
+        managers = _stream_managers(self)
+        if request.request_id in _REQUESTS:
+            for manager in managers:
+                if manager.enable_caching and request.request_id in manager.req_to_blocks:
+                    manager.register_keys(request, request.num_computed_tokens)
+        try:
+            return free(self, request, *args, **kwargs)
+        finally:
+            _REQUESTS.pop(request.request_id, None)
 
     wrapper._dpvr_wrapped = True
     return wrapper
@@ -148,8 +298,11 @@ def _register() -> None:
     KVCacheSpecRegistry._ensure_registered()  # the built-in specs first: registering ours would otherwise skip them
     KVCacheSpecRegistry.register(TextOnlyAttentionSpec, TextOnlyAttentionManager)
     KVCacheSpecRegistry.register(VisionOnlyAttentionSpec, VisionOnlyAttentionManager)
-    if not getattr(KVCacheManager.allocate_slots, "_dpvr_wrapped", False):
-        KVCacheManager.allocate_slots = _record_vision_tokens(KVCacheManager.allocate_slots)
+    for name, wrap in (("get_computed_blocks", _record_request), ("allocate_slots", _record_request),
+                       ("free", _register_then_free)):
+        method = getattr(KVCacheManager, name)
+        if not getattr(method, "_dpvr_wrapped", False):
+            setattr(KVCacheManager, name, wrap(method))
 
 
 _register()

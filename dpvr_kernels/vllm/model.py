@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from . import (
     ARCHITECTURE,
-    REQUIRED_ENGINE_ARGS,
     SIDE_BRANCH,
     check_side_branch_weights,
     check_vllm_version,
@@ -50,11 +49,12 @@ from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditio
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer  # noqa: E402
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
 
 from ..models.attention import attend_segments  # noqa: E402
 from ..ops import fuse_merge, route_split  # noqa: E402
 from ..plan import build_route_plan_from_mask  # noqa: E402
-from .kv_cache import text_only_spec, vision_only_spec  # noqa: E402
+from .kv_cache import text_only_spec, vision_only_spec, vision_tokens_before  # noqa: E402
 
 __all__ = ["DPVRLlavaForConditionalGeneration", "DPVRLlavaNextForConditionalGeneration",
            "DPVRLlavaOnevisionForConditionalGeneration", "DPVRQwen2_5_VLForConditionalGeneration", "SideBranchAttention"]
@@ -64,10 +64,9 @@ SUPPORTED_ATTENTION_BACKENDS = ("CPU_ATTN",)
 
 
 def _refuse_engine_settings(vllm_config: VllmConfig, name: str = ARCHITECTURE) -> None:
-    """The engine settings DPVR-LF needs (see ``REQUIRED_ENGINE_ARGS``), or an error that names the fix."""
+    """Refuse the engine settings DPVR-LF cannot serve exactly, with an error that names the fix (vLLM's defaults
+    are all served)."""
     wrong = []
-    if vllm_config.cache_config.enable_prefix_caching:
-        wrong.append("enable_prefix_caching=False (--no-enable-prefix-caching)")
     if vllm_config.speculative_config is not None:
         wrong.append("no speculative decoding")
     if vllm_config.parallel_config.pipeline_parallel_size != 1:
@@ -81,9 +80,33 @@ def _refuse_engine_settings(vllm_config: VllmConfig, name: str = ARCHITECTURE) -
         wrong.append("no KV connector (kv_transfer_config): a request must be prefilled here, from its own blocks")
     if wrong:
         raise ValueError(
-            f"{name} (DPVR-LF) needs " + ", ".join(wrong) + f"; the full set is {REQUIRED_ENGINE_ARGS}. "
-            "Each prompt must be prefilled from its own KV blocks"
+            f"{name} (DPVR-LF) needs " + ", ".join(wrong) + "; vLLM's defaults serve it"
         )
+
+
+_RUNNER: list = [None]
+"""The model runner whose forward is running (this worker process): the step's requests, in batch order, and their
+multimodal placeholders."""
+
+
+def _note_runner(model_forward):
+    """Wraps the runner's ``_model_forward``: the model reads the step's requests from it (a request that starts
+    from cached blocks has vision tokens before its first scheduled token, which only its placeholders tell)."""
+
+    @functools.wraps(model_forward)
+    def wrapper(self, *args, **kwargs):
+        _RUNNER[0] = self
+        try:
+            return model_forward(self, *args, **kwargs)
+        finally:
+            _RUNNER[0] = None
+
+    wrapper._dpvr_wrapped = True
+    return wrapper
+
+
+if not getattr(GPUModelRunner._model_forward, "_dpvr_wrapped", False):  # the CPU runner inherits it
+    GPUModelRunner._model_forward = _note_runner(GPUModelRunner._model_forward)
 
 
 class SideBranchAttention(nn.Module):
@@ -217,16 +240,18 @@ class _DPVRForConditionalGeneration:
         # The side branch: a layer of the backbone's own class (weights from the checkpoint's side branch). A prompt
         # prefilled whole meets the side branch in one step: its vLLM Attention is replaced by uncached varlen
         # attention and taken out of the KV cache registry. Under chunked prefill a later chunk's vision tokens
-        # attend to earlier chunks': the side branch keeps its vLLM Attention with a KV cache spec of its own
-        # (kv_cache.py: blocks for vision tokens only), its vision tokens at compacted slots, like the text stream.
+        # attend to earlier chunks', and with prefix caching to a cached prefix's: the side branch keeps its vLLM
+        # Attention with a KV cache spec of its own (kv_cache.py: blocks for vision tokens only), its vision tokens
+        # at compacted slots, like the text stream.
         side_prefix = f"{prefix + '.' if prefix else ''}language_model.model.{SIDE_BRANCH}.{self.route_layer}"
         try:
             side = _side_branch_layer(layer_cls, vllm_config, side_prefix, text_config)
         except NotImplementedError as e:
             raise NotImplementedError(f"{type(self).__name__}: {e}") from None
-        self._chunked = bool(vllm_config.scheduler_config.enable_chunked_prefill)
+        self._side_kv = bool(vllm_config.scheduler_config.enable_chunked_prefill
+                             or vllm_config.cache_config.enable_prefix_caching)
         self._side_name = side.self_attn.attn.layer_name
-        if self._chunked:
+        if self._side_kv:
             attn = side.self_attn.attn
             attn.get_kv_cache_spec = functools.partial(_vision_only_kv_cache_spec, attn)
         else:
@@ -272,10 +297,6 @@ class _DPVRForConditionalGeneration:
         # Without multimodal inputs (limit_mm_per_prompt 0, language_model_only) the runner feeds token ids and
         # never calls embed_input_ids: every token is text.
         self._multimodal_inputs = vllm_config.model_config.supports_multimodal_inputs
-        # Vision tokens each running request has computed, keyed by its first KV block (unique per live request
-        # when prefix caching is off): later steps need them to place its text tokens in the deep KV (and, under
-        # chunked prefill, its vision tokens in the side branch's).
-        self._vision_counts: dict[int, int] = {}
 
     # ------------------------------------------------------------------------------------------- weights
 
@@ -371,7 +392,7 @@ class _DPVRForConditionalGeneration:
                 text_h, text_r = self._text_stream(plan.text_position_ids, text_h, text_r)
         if plan.num_vision:
             side = getattr(decoder, SIDE_BRANCH)
-            if self._chunked:  # the side branch's own KV: this step's vision tokens after the request's earlier ones
+            if self._side_kv:  # the side branch's own KV: this step's vision tokens after the request's earlier ones
                 metadata = {self._side_name: self._group_metadata(attn_metadata[self._side_name], vision_layout)}
                 with self._swapped_metadata(metadata, [self._side_name]):
                     vision_h, vision_r = side(plan.vision_position_ids, vision_h, vision_r)
@@ -416,31 +437,30 @@ class _DPVRForConditionalGeneration:
 
     def _stream_layouts(self, step, query_start: Tensor, plan) -> tuple[tuple[list[int], ...], tuple[list[int], ...]]:
         """The text stream's and the side branch's view of the step, per request with such tokens (the kept ones):
-        its row, its queries now, and its tokens of that kind already in the stream's KV. Counts each request's
-        vision tokens across steps (prompts prefilled in chunks); refuses what cannot be placed."""
+        its row, its queries now, and its tokens of that kind already in the stream's KV. A request's earlier
+        tokens (earlier chunks, its decoded tokens, or a prefix-cache hit) are split into text and vision by its
+        placeholders, which the runner holds."""
         num_reqs = query_start.numel() - 1
-        first_block = step.block_table[:num_reqs, 0].tolist()
+        runner = _RUNNER[0]
+        if runner is None or runner.input_batch.num_reqs != num_reqs:
+            raise RuntimeError(
+                f"{type(self).__name__}: the step's requests are unknown (the model was called outside vLLM's "
+                f"model runner, or its batch has {getattr(runner, 'input_batch', None) and runner.input_batch.num_reqs} "
+                f"requests where the metadata has {num_reqs}); please report this with the engine arguments"
+            )
         q_text, q_len = list(plan.text_seqlens), (query_start[1:] - query_start[:-1]).tolist()
         q_vision = [q - t for q, t in zip(q_len, q_text, strict=True)]
         # Tokens each request computed before this step (not its first position: M-RoPE compresses positions).
         done = [int(s) - q for s, q in zip(step.seq_lens[:num_reqs].tolist(), q_len, strict=True)]
         vision_before = []  # vision tokens of each request computed before this step
-        for i in range(num_reqs):
-            if done[i] == 0:  # a new (or recomputed) request
-                self._vision_counts[first_block[i]] = 0
-            elif first_block[i] not in self._vision_counts:  # impossible without prefix caching: stop, not guess
+        for i, request_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
+            vision_before.append(vision_tokens_before(runner.requests[request_id].mm_features, done[i]))
+            if q_vision[i] and vision_before[i] and not self._side_kv:
                 raise RuntimeError(
-                    f"{type(self).__name__}: a request continues at token {done[i]} but its earlier tokens were not "
-                    "seen (it started from KV computed elsewhere); please report this with the engine arguments"
+                    f"{type(self).__name__}: a request has {q_vision[i]} vision tokens after {vision_before[i]} earlier "
+                    "ones, so its prompt was prefilled in pieces although the side branch keeps no KV (chunked "
+                    "prefill and prefix caching off); please report this with the engine arguments"
                 )
-            elif q_vision[i] and not self._chunked:
-                raise RuntimeError(
-                    f"{type(self).__name__}: a request has {q_vision[i]} vision tokens after token {done[i]}, so its "
-                    "prompt was prefilled in pieces although chunked prefill is off; please report this with the "
-                    "engine arguments"
-                )
-            vision_before.append(self._vision_counts[first_block[i]])
-            self._vision_counts[first_block[i]] += q_vision[i]
         text = [i for i in range(num_reqs) if q_text[i]]
         vision = [i for i in range(num_reqs) if q_vision[i]]
         return ((text, [q_text[i] for i in text], [done[i] - vision_before[i] for i in text]),

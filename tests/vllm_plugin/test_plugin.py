@@ -28,7 +28,7 @@ from vllm_folders import (
 )
 
 import dpvr_kernels
-from dpvr_kernels.vllm import ARCHITECTURE, ARCHITECTURES, REQUIRED_ENGINE_ARGS
+from dpvr_kernels.vllm import ARCHITECTURE, ARCHITECTURES
 
 vllm = pytest.importorskip("vllm", reason="the vLLM environment: make vllm-env && make vllm-test")
 if not os.environ.get("DPVR_VLLM_TESTS"):  # collected only by make vllm-test (tests/conftest.py)
@@ -37,7 +37,7 @@ if not os.environ.get("DPVR_VLLM_TESTS"):  # collected only by make vllm-test (t
 NEW_TOKENS = [6, 9, 4, 7, 5, 8]  # different lengths: requests finish at different steps, others join mid-decode
 # Most tests build engines in eager mode (a compiled engine costs ~40 s of Inductor on 2 cores);
 # test_compiled_plugin_matches_eager_and_hf runs vLLM's default compilation.
-EAGER = {**REQUIRED_ENGINE_ARGS, "enforce_eager": True}
+EAGER = {"enforce_eager": True}
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_compiled_plugin_matches_eager_and_hf(folders, stock_error, monkeypatch)
         return compilation_counter.num_aot_compiles + compilation_counter.num_aot_artifacts_loaded
 
     before = compiles()
-    compiled = vllm_greedy(dpvr, **REQUIRED_ENGINE_ARGS)
+    compiled = vllm_greedy(dpvr)
     assert compiles() - before == 3, "the full, text-stream and fusion ranges are compiled (or loaded compiled)"
     want = hf_greedy(dpvr, patched=True)
     error = greedy_error(compiled, want, "DPVR-LF compiled")
@@ -168,7 +168,7 @@ def test_qwen2_5_vl_plugin_matches_hf_dpvr_generate(tmp_path, compiled):
     stock = make_qwen_stock_folder(tmp_path / "stock")
     dpvr = make_dpvr_folder(stock, tmp_path / "dpvr")
     assert json.loads((dpvr / "config.json").read_text())["architectures"] == [ARCHITECTURES["qwen2_5_vl"]]
-    engine = REQUIRED_ENGINE_ARGS if compiled else EAGER
+    engine = {} if compiled else EAGER
     want = hf_greedy(dpvr, patched=True, base=qwen_prompts())
     error = greedy_error(vllm_greedy(dpvr, base=qwen_prompts(), **engine), want, "DPVR-LF Qwen2.5-VL")
     stock_hf = hf_greedy(stock, patched=False, base=qwen_prompts())
@@ -202,8 +202,94 @@ def test_chunked_prefill_matches_unchunked_and_hf(folders, stock_error, budget, 
     assert split, "no image was split across steps: the budget did not chunk the prompts"
     error = greedy_error(chunked, want, f"DPVR-LF, chunks of {budget} tokens")
     assert error <= 2 * stock_error + 1e-5, f"chunked log-probs differ by {error:.2e} (control {stock_error:.2e})"
-    whole = vllm_greedy(dpvr, enable_chunked_prefill=False, **EAGER)
+    # prompts prefilled whole, the side branch without KV (its uncached varlen attention)
+    whole = vllm_greedy(dpvr, enable_chunked_prefill=False, enable_prefix_caching=False, **EAGER)
     assert whole[0] == chunked[0]
+
+
+def conversation_turns() -> list[tuple[str, list]]:
+    """Prompts that extend each other, as a chat's turns do (the same image, the conversation so far, a new
+    question), a prompt that shares the first one's image but not its question, and a two-image chat. 16 vision
+    tokens per image and block size 32: the first image spans a block boundary (a hit there continues the side
+    branch from its cached KV), the text stream's blocks end off the full layers' boundaries (copy-on-write of a
+    partial block); two images (32 vision tokens) keep the streams aligned (complete blocks only)."""
+    one, two, three = images(3, seed=11)
+    words = "what is in the picture describe it please the red house and a blue sun over a tree cat dog".split()
+    reply = " ".join(words * 2)[: 140]  # about 30 tokens per turn
+    first = "USER : describe the red house and the blue sun over a tree please what is in the picture <image> and"
+    turns, text = [], first
+    for question in ("a cat", "a dog", "a bird"):
+        text = f"{text} {question} {reply} ASSISTANT :"
+        turns.append((text, [one]))
+    turns.append((f"{first} the blue sun ASSISTANT :", [one]))  # shares the first image only
+    two_images = f"USER : <image> <image> {reply} ASSISTANT :"
+    turns += [(two_images, [two, three]), (f"{two_images} a house USER : what else ASSISTANT :", [two, three])]
+    return turns
+
+
+def vllm_turns(folder, turns, **engine) -> tuple[tuple[list[list[int]], list[list[float]]], list[int]]:
+    """Each turn submitted after the previous one finished (its blocks are cached by then): greedy tokens,
+    log-probs, and the prompt tokens each turn found in the prefix cache."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(folder), dtype="float32", max_model_len=256, block_size=32, limit_mm_per_prompt={"image": 2},
+              seed=0, **engine)
+    tokens, logprobs, cached = [], [], []
+    for (text, imgs), n in zip(turns, NEW_TOKENS, strict=False):
+        params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True, logprobs=0)
+        (out,) = llm.generate([{"prompt": text, "multi_modal_data": {"image": imgs}}], params)
+        tokens.append(list(out.outputs[0].token_ids))
+        logprobs.append([lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, tokens[-1], strict=True)])
+        cached.append(out.num_cached_tokens or 0)
+    del llm
+    return (tokens, logprobs), cached
+
+
+@pytest.fixture(scope="module")
+def turns_control(folders) -> float:
+    """The control on the conversation turns: stock vLLM (caching off) against stock HF."""
+    stock, _ = folders
+    turns = conversation_turns()
+    got, _ = vllm_turns(stock, turns, enforce_eager=True, enable_prefix_caching=False)
+    return greedy_error(got, hf_greedy(stock, patched=False, base=turns), "stock, conversation turns")
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_prefix_caching_hits_and_keeps_hf_answers(folders, turns_control, compiled, monkeypatch):
+    """Prefix caching (vLLM's default): a chat's later turns start from the cached blocks of the earlier ones, in
+    the full layers, the text-only deep layers and the side branch; a hit may end inside an image or inside a
+    compacted block (copy-on-write). Every turn's tokens equal HF DPVR-LF's, and its log-probs an engine without
+    caching's."""
+    from dpvr_kernels.vllm import kv_cache
+
+    _, dpvr = folders
+    turns = conversation_turns()
+    hits = []  # (stream manager, that stream's tokens the hit covers) for each stream lookup that found blocks
+    finder = kv_cache._StreamManager.find_longest_cache_hit.__func__
+
+    def spy(cls, *args, **kwargs):
+        blocks, length = finder(cls, *args, **kwargs)
+        if blocks[0]:
+            hits.append((cls.__name__, cls._count(kv_cache._LOOKUP[0].request_id, length)))
+        return blocks, length
+
+    monkeypatch.setattr(kv_cache._StreamManager, "find_longest_cache_hit", classmethod(spy))
+    engine = {} if compiled else {"enforce_eager": True}
+    got, cached = vllm_turns(dpvr, turns, **engine)
+    assert cached == [0, 64, 96, 32, 0, 64], f"the turns found {cached} cached tokens"
+    block = 32
+    streams = {name for name, _ in hits}
+    assert streams == {"TextOnlyAttentionManager", "VisionOnlyAttentionManager"}, hits
+    assert {name for name, n in hits if n % block} == streams, f"no partial (copy-on-write) hit in each: {hits}"
+    assert ("TextOnlyAttentionManager", 32) in hits, f"the two-image turn's aligned text hit is missing: {hits}"
+    want = hf_greedy(dpvr, patched=True, base=turns)
+    error = greedy_error(got, want, "DPVR-LF with prefix caching")
+    print(f"conversation turns, log-prob error vs HF: DPVR-LF {error:.2e}, stock (control) {turns_control:.2e}")
+    assert error <= 2 * turns_control + 1e-5, f"log-probs differ by {error:.2e} (control {turns_control:.2e})"
+    if not compiled:
+        uncached, none = vllm_turns(dpvr, turns, enable_prefix_caching=False, **engine)
+        assert not any(none)
+        assert greedy_error(got, uncached, "cached vs uncached") <= 1e-5
 
 
 @pytest.mark.parametrize("route_layer", [0, 1])
@@ -276,25 +362,14 @@ def test_deep_layers_hold_blocks_for_text_tokens_only_so_more_requests_fit(tmp_p
     for name, result in got.items():
         assert result["peak_running"] == min(len(reqs), 6 * got["stock"]["num_blocks"] // per_request[name]), name
     assert got["dpvr"]["peak_running"] > got["stock"]["peak_running"]
-    # Under chunked prefill the side branch keeps its vision tokens' KV in a group of its own (one layer, so vLLM
-    # makes every group one layer wide): 4 full layers x 9 blocks + 2 text-only x 1 + the side branch's 8 blocks.
-    chunked = kv_capacity(dpvr, reqs, kv_cache_memory_bytes=memory, chunked=True)
-    assert chunked["groups"] == ([("FullAttentionSpec", 1)] * 4 + [("TextOnlyAttentionSpec", 1)] * 2
-                                 + [("VisionOnlyAttentionSpec", 1)])
-    assert chunked["blocks_per_request"] == [[full]] * 4 + [[text]] * 2 + [[math.ceil(256 / 32)]]
-    assert got["stock"]["peak_running"] < chunked["peak_running"] <= got["dpvr"]["peak_running"]
-
-
-CLI_FLAGS = {"enable_prefix_caching": "--no-enable-prefix-caching"}
-
-
-@pytest.mark.parametrize("flag", sorted(REQUIRED_ENGINE_ARGS))
-def test_plugin_refuses_engine_settings_it_cannot_serve_exactly(folders, flag):
-    _, dpvr = folders
-    engine = {**EAGER, flag: not REQUIRED_ENGINE_ARGS[flag]}
-    # the setting named with its CLI flag (every message also lists the whole required set afterwards)
-    with pytest.raises(Exception, match=rf"{ARCHITECTURE} \(DPVR-LF\) needs {flag}=.* \({CLI_FLAGS[flag]}\)"):
-        vllm_greedy(dpvr, **engine)
+    # At vLLM's defaults (chunked prefill, prefix caching) the side branch keeps its vision tokens' KV in a group
+    # of its own (one layer, so vLLM makes every group one layer wide): 4 full layers x 9 blocks + 2 text-only x 1
+    # + the side branch's 8 blocks.
+    defaults = kv_capacity(dpvr, reqs, kv_cache_memory_bytes=memory, defaults=True)
+    assert defaults["groups"] == ([("FullAttentionSpec", 1)] * 4 + [("TextOnlyAttentionSpec", 1)] * 2
+                                  + [("VisionOnlyAttentionSpec", 1)])
+    assert defaults["blocks_per_request"] == [[full]] * 4 + [[text]] * 2 + [[math.ceil(256 / 32)]]
+    assert got["stock"]["peak_running"] < defaults["peak_running"] <= got["dpvr"]["peak_running"]
 
 
 def _copy_folder(src, dst):
@@ -343,11 +418,11 @@ def test_plugin_loads_a_flat_clip_tower(tmp_path, stock_error):
 
 
 def _engine_config(**changes):
-    """A stand-in VllmConfig with the plugin's required settings, and ``changes`` (dotted names) applied."""
+    """A stand-in VllmConfig at vLLM's defaults, with ``changes`` (dotted names) applied."""
     from types import SimpleNamespace as NS
 
-    cfg = NS(model_config=NS(enforce_eager=True), cache_config=NS(enable_prefix_caching=False),
-             scheduler_config=NS(enable_chunked_prefill=False, long_prefill_token_threshold=0,
+    cfg = NS(model_config=NS(enforce_eager=False), cache_config=NS(enable_prefix_caching=True),
+             scheduler_config=NS(enable_chunked_prefill=True, long_prefill_token_threshold=0,
                                   disable_hybrid_kv_cache_manager=False), speculative_config=None,
              parallel_config=NS(pipeline_parallel_size=1), lora_config=None, kv_transfer_config=None)
     for name, value in changes.items():
@@ -371,7 +446,7 @@ def test_plugin_refuses_settings_that_split_or_share_prefills(change, named):
     LoRA's per-token metadata, KV from elsewhere). The check runs when the model is built."""
     from dpvr_kernels.vllm.model import _refuse_engine_settings
 
-    _refuse_engine_settings(_engine_config())  # the required settings pass
+    _refuse_engine_settings(_engine_config())  # vLLM's defaults pass
     with pytest.raises(ValueError, match=f"{ARCHITECTURE}.*needs.*{re.escape(named)}"):
         _refuse_engine_settings(_engine_config(**change))
 
@@ -440,7 +515,7 @@ def test_openai_server_serves_the_dpvr_checkpoint(folders, tmp_path):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(dpvr), "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--limit-mm-per-prompt",
-           '{"image": 1}', "--enforce-eager", "--no-enable-prefix-caching"]
+           '{"image": 1}', "--enforce-eager"]
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -132,19 +132,18 @@ def prompts() -> list[tuple[str, list[Image.Image]]]:
 
 
 def kv_capacity(folder: Path, requests: list[dict], kv_cache_memory_bytes: int, new_tokens: int = 4,
-                block_size: int = 32, max_model_len: int = 1024, chunked: bool = False) -> dict:
+                block_size: int = 32, max_model_len: int = 1024, defaults: bool = False) -> dict:
     """Serve ``requests`` all at once from a KV cache of ``kv_cache_memory_bytes`` and count what fits: the KV
     groups (spec, layers), the blocks in the pool, each group's blocks per request after the prefill step, and the
     most requests running at once. The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), without
-    chunked prefill unless ``chunked`` (then the DPVR-LF side branch keeps KV, in a vision-only group of its own)."""
+    chunked prefill and prefix caching unless ``defaults`` (vLLM's: both on; then the DPVR-LF side branch keeps KV,
+    in a vision-only group of its own)."""
     from vllm import LLM, SamplingParams
-
-    from dpvr_kernels.vllm import REQUIRED_ENGINE_ARGS
 
     llm = LLM(model=str(folder), dtype="float32", max_model_len=max_model_len, max_num_seqs=len(requests),
               max_num_batched_tokens=max_model_len * len(requests), kv_cache_memory_bytes=kv_cache_memory_bytes,
               block_size=block_size, limit_mm_per_prompt={"image": 2}, seed=0, enforce_eager=True,
-              enable_chunked_prefill=chunked, **REQUIRED_ENGINE_ARGS)
+              enable_chunked_prefill=defaults, enable_prefix_caching=defaults)
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     config = scheduler.kv_cache_config
