@@ -280,13 +280,27 @@ def _register_then_free(free):
 
     @functools.wraps(free)
     def wrapper(self: KVCacheManager, request, *args, **kwargs):
-        managers = _stream_managers(self)
         if request.request_id in _REQUESTS:
-            for manager in managers:
+            for manager in _stream_managers(self):
                 if manager.enable_caching and request.request_id in manager.req_to_blocks:
                     manager.register_keys(request, request.num_computed_tokens)
         try:
             return free(self, request, *args, **kwargs)
+        finally:
+            _REQUESTS.pop(request.request_id, None)
+
+    wrapper._dpvr_wrapped = True
+    return wrapper
+
+
+def _forget_after(pop_blocks_for_free):
+    """Wraps ``KVCacheManager.pop_blocks_for_free`` (a free deferred while a step may still write the blocks): the
+    request is forgotten; its last tokens get no keys (their KV may not be written yet)."""
+
+    @functools.wraps(pop_blocks_for_free)
+    def wrapper(self: KVCacheManager, request, *args, **kwargs):
+        try:
+            return pop_blocks_for_free(self, request, *args, **kwargs)
         finally:
             _REQUESTS.pop(request.request_id, None)
 
@@ -299,7 +313,7 @@ def _register() -> None:
     KVCacheSpecRegistry.register(TextOnlyAttentionSpec, TextOnlyAttentionManager)
     KVCacheSpecRegistry.register(VisionOnlyAttentionSpec, VisionOnlyAttentionManager)
     for name, wrap in (("get_computed_blocks", _record_request), ("allocate_slots", _record_request),
-                       ("free", _register_then_free)):
+                       ("free", _register_then_free), ("pop_blocks_for_free", _forget_after)):
         method = getattr(KVCacheManager, name)
         if not getattr(method, "_dpvr_wrapped", False):
             setattr(KVCacheManager, name, wrap(method))

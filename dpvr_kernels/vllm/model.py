@@ -6,12 +6,15 @@ Per engine step vLLM hands the model the flattened tokens of many requests. The 
 2. **route**: one :class:`~dpvr_kernels.plan.RoutePlan` over the step (one sequence per request) splits the
    states into the text stream and the vision stream (``route_split``);
 3. **side branch**: the vision tokens of each request through one decoder layer, causal within the request's
-   vision tokens, original positions, never cached (:class:`SideBranchAttention`);
+   vision tokens, original positions; its KV in a vision-only group of its own, at compacted slots, when a
+   request's vision tokens may span steps (chunked prefill, prefix caching: vLLM's defaults), else uncached
+   (:class:`SideBranchAttention`);
 4. **text stream**: layers ``[r, N-f)`` on the text tokens only. Their attention metadata is rebuilt for the
    text subset by the backend's own metadata builder (the way vLLM's Gemma3n fast prefill gives some layers a
    subset of the tokens): per request, queries are its text tokens, keys its earlier text tokens, and the KV
    cache holds text tokens at compacted slots of the request's blocks in the deep layers' own KV cache group
-   (``kv_cache.py``: blocks sized for text tokens only);
+   (``kv_cache.py``: blocks sized for text tokens only, prefix-cached under keys that chain over the whole
+   prompt);
 5. **fuse**: both streams back to their positions (``fuse_merge``), then layers ``[N-f, N)`` on every token.
 
 Imported by vLLM (through :func:`dpvr_kernels.vllm.register`) only when a DPVR checkpoint is served.

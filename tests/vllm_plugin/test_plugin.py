@@ -292,6 +292,22 @@ def test_prefix_caching_hits_and_keeps_hf_answers(folders, turns_control, compil
         assert greedy_error(got, uncached, "cached vs uncached") <= 1e-5
 
 
+def test_qwen2_5_vl_prefix_caching_matches_uncached_and_hf(tmp_path):
+    """Qwen2.5-VL with prefix caching: M-RoPE positions of a request that starts from cached blocks (vLLM's, from
+    the request's start) and its cached vision tokens counted from its placeholders. HF DPVR-LF's tokens, and the
+    log-probs of an engine without caching."""
+    stock = make_qwen_stock_folder(tmp_path / "stock")
+    dpvr = make_dpvr_folder(stock, tmp_path / "dpvr")
+    turns = [(text.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>"), imgs)
+             for text, imgs in conversation_turns()]
+    got, cached = vllm_turns(dpvr, turns, **EAGER)
+    assert all(cached[i] >= 32 for i in (1, 2, 5)), f"the later turns found {cached} cached tokens"
+    uncached, _ = vllm_turns(dpvr, turns, enable_prefix_caching=False, **EAGER)
+    assert greedy_error(got, uncached, "Qwen2.5-VL cached vs uncached") <= 1e-5
+    want = hf_greedy(dpvr, patched=True, base=turns)
+    assert got[0] == want[0]
+
+
 @pytest.mark.parametrize("route_layer", [0, 1])
 def test_plugin_matches_hf_at_low_route_layers(tmp_path, route_layer, stock_error):
     """Found by review: with many more deep layers than full ones vLLM splits the deep layers into several KV
