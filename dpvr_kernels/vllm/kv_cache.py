@@ -90,17 +90,38 @@ def _vision_before(span, num_tokens: int) -> int:
     return covered if is_embed is None else int(is_embed[:covered].sum())
 
 
+class _VisionLayout:
+    """Where a request's vision tokens sit (its placeholders), for counting them before any token index; past the
+    last placeholder (every decode step) the count is the total, without a loop."""
+
+    __slots__ = ("end", "spans", "total")
+
+    def __init__(self, mm_features) -> None:
+        self.spans = [f.mm_position for f in mm_features or ()]
+        self.end = max((span.offset + span.length for span in self.spans), default=0)
+        self.total = sum(_vision_before(span, self.end) for span in self.spans)
+
+    def before(self, num_tokens: int) -> int:
+        if num_tokens >= self.end:
+            return self.total
+        return sum(_vision_before(span, num_tokens) for span in self.spans)
+
+
 def vision_tokens_before(mm_features, num_tokens: int) -> int:
     """Vision tokens among the first ``num_tokens`` tokens of a request with these multimodal features (vLLM
     ``MultiModalFeatureSpec``: their ``mm_position`` placeholders). The scheduler sizes blocks with it, the model
     places a request's tokens in the compacted streams with it."""
-    return sum(_vision_before(f.mm_position, num_tokens) for f in mm_features or ())
+    return _VisionLayout(mm_features).before(num_tokens)
+
+
+_LAYOUTS: dict[str, _VisionLayout] = {}
+"""Scheduler process: the vision layout of each request in ``_REQUESTS``."""
 
 
 def _vision_tokens(request_id: str, num_tokens: int) -> int:
     """Vision tokens among a request's first ``num_tokens`` tokens."""
-    request = _REQUESTS.get(request_id)
-    return vision_tokens_before(request.mm_features, num_tokens) if request is not None else 0
+    layout = _LAYOUTS.get(request_id)
+    return layout.before(num_tokens) if layout is not None else 0
 
 
 def _text_tokens(request_id: str, num_tokens: int) -> int:
@@ -168,16 +189,18 @@ class _StreamManager(FullAttentionManager):
         computed = self._scheduled.get(rid, 0)
         self._scheduled[rid] = num_tokens
         self.register_keys(request, computed)
-        self.num_cached_block[rid] = self._count(rid, computed) // self.block_size
+        self.num_cached_block.setdefault(rid, 0)  # marks a running request (the base class's fast path)
 
     def register_keys(self, request, num_computed_tokens: int) -> None:
         """Register the keys of the request's blocks for the hash boundaries up to ``num_computed_tokens`` (tokens
         whose KV is written)."""
         rid, h, bs = request.request_id, self.block_pool.hash_block_size, self.block_size
-        blocks = self.req_to_blocks.get(rid, [])
         start = self._registered.get(rid, 0)
         end = min(num_computed_tokens, len(request.block_hashes) * h)
         boundary = (start // h + 1) * h
+        if boundary > end:  # no new hash boundary (most decode steps)
+            return
+        blocks = self.req_to_blocks.get(rid, [])
         before = self._count(rid, boundary - h)
         while boundary <= end:
             now = self._count(rid, boundary)
@@ -252,8 +275,11 @@ class VisionOnlyAttentionManager(_StreamManager):
 
 
 def _stream_managers(kv_cache_manager: KVCacheManager) -> list[_StreamManager]:
-    managers = getattr(kv_cache_manager.coordinator, "single_type_managers", ())
-    return [m for m in managers if isinstance(m, _StreamManager)]
+    found = kv_cache_manager.__dict__.get("_dpvr_stream_managers")
+    if found is None:  # the managers are fixed once the engine has its KV cache groups
+        managers = getattr(kv_cache_manager.coordinator, "single_type_managers", ())
+        found = kv_cache_manager._dpvr_stream_managers = [m for m in managers if isinstance(m, _StreamManager)]
+    return found
 
 
 def _record_request(method):
@@ -263,6 +289,8 @@ def _record_request(method):
     @functools.wraps(method)
     def wrapper(self: KVCacheManager, request, *args, **kwargs):
         if _stream_managers(self):
+            if request.request_id not in _LAYOUTS:
+                _LAYOUTS[request.request_id] = _VisionLayout(request.mm_features)
             _REQUESTS[request.request_id] = request
             _LOOKUP[0] = request
         try:
@@ -288,6 +316,7 @@ def _register_then_free(free):
             return free(self, request, *args, **kwargs)
         finally:
             _REQUESTS.pop(request.request_id, None)
+            _LAYOUTS.pop(request.request_id, None)
 
     wrapper._dpvr_wrapped = True
     return wrapper
@@ -303,6 +332,7 @@ def _forget_after(pop_blocks_for_free):
             return pop_blocks_for_free(self, request, *args, **kwargs)
         finally:
             _REQUESTS.pop(request.request_id, None)
+            _LAYOUTS.pop(request.request_id, None)
 
     wrapper._dpvr_wrapped = True
     return wrapper

@@ -356,58 +356,64 @@ class _DPVRForConditionalGeneration:
         query_start = step.query_start_loc.to(torch.long)
         num_reqs = query_start.numel() - 1
         num_actual = int(query_start[-1])
-        token = torch.arange(n, device=hidden.device)
-        # One sequence per request; tokens past the scheduled ones (padding) are pad.
-        sequence = (torch.bucketize(token, query_start[1:].to(hidden.device), right=True)).clamp(max=num_reqs - 1)
-        valid = token < num_actual
         marked, self._vision_mask = self._vision_mask, None
         if not self._multimodal_inputs:
-            marked = torch.zeros(num_actual, dtype=torch.bool, device=valid.device)
+            marked = torch.zeros(num_actual, dtype=torch.bool, device=hidden.device)
         if marked is None or marked.numel() != num_actual:
             raise RuntimeError(
                 f"{type(self).__name__}: the vision-token mask of this step ({num_actual} tokens) is missing or stale: vLLM's "
                 "runner did not call embed_input_ids before forward, which vLLM 0.32's runner does for every "
                 "multimodal step; please report this with the engine arguments"
             )
+        q_len = (query_start[1:] - query_start[:-1]).tolist()
+        if num_actual == n and not bool(marked.any()):
+            # Every token text (decode steps, text-only prompts): the text stream is the states as they are, no
+            # plan, gather or scatter.
+            text_layout, _ = self._stream_layouts(step, q_len, q_len)
+            return self._run_text_stream(attn_metadata, text_layout, positions, hidden, residual)
+
+        token = torch.arange(n, device=hidden.device)
+        # One sequence per request; tokens past the scheduled ones (padding) are pad.
+        sequence = (torch.bucketize(token, query_start[1:].to(hidden.device), right=True)).clamp(max=num_reqs - 1)
+        valid = token < num_actual
         vision = torch.zeros_like(valid)
         vision[:num_actual] = marked.to(device=valid.device, dtype=torch.bool)
         # Positions [N], or M-RoPE rows [3, N] (Qwen-VL): the plan gathers them per token either way.
         plan = build_route_plan_from_mask(vision[None], valid[None], positions[..., None, :], sequence[None])
+        text_h, vision_h = route_split(hidden[None], plan, backend=self.backend)
+        text_r, vision_r = route_split(residual[None], plan, backend=self.backend)
 
-        # Every token text (decode steps, no padding): the text stream is the states as they are, no gather/scatter.
-        all_text = plan.num_text == n
-        if all_text:
-            text_h, text_r = hidden, residual
-        else:
-            text_h, vision_h = route_split(hidden[None], plan, backend=self.backend)
-            text_r, vision_r = route_split(residual[None], plan, backend=self.backend)
-
-        text_layout, vision_layout = self._stream_layouts(step, query_start, plan)
+        text_layout, vision_layout = self._stream_layouts(step, q_len, list(plan.text_seqlens))
         if plan.num_text:
-            # vLLM gives KV cache groups equal layer counts, so the deep layers may span several groups (r small
-            # against N): each group has its own block table, hence its own slots.
-            groups: dict[int, list[str]] = {}
-            for name in self._deep_names:
-                groups.setdefault(id(attn_metadata[name]), []).append(name)
-            metadata = {name: meta for names in groups.values()
-                        for meta in [self._group_metadata(attn_metadata[names[0]], text_layout)] for name in names}
-            with self._swapped_metadata(metadata, self._deep_names):
-                text_h, text_r = self._text_stream(plan.text_position_ids, text_h, text_r)
+            text_h, text_r = self._run_text_stream(attn_metadata, text_layout, plan.text_position_ids, text_h, text_r)
         if plan.num_vision:
             side = getattr(decoder, SIDE_BRANCH)
             if self._side_kv:  # the side branch's own KV: this step's vision tokens after the request's earlier ones
-                metadata = {self._side_name: self._group_metadata(attn_metadata[self._side_name], vision_layout)}
+                view = self._stream_view(vision_layout)
+                metadata = {self._side_name: self._group_metadata(attn_metadata[self._side_name], view)}
                 with self._swapped_metadata(metadata, [self._side_name]):
                     vision_h, vision_r = side(plan.vision_position_ids, vision_h, vision_r)
             else:
                 side.self_attn.attn.segments = plan.vision_seqlens
                 side.self_attn.attn.positions = plan.vision_position_ids.reshape(-1, plan.num_vision)[0]  # windows
                 vision_h, vision_r = side(plan.vision_position_ids, vision_h, vision_r)
-        if all_text:
-            return text_h, text_r
         hidden = fuse_merge(text_h, vision_h, hidden[None], plan, backend=self.backend)[0]
         residual = fuse_merge(text_r, vision_r, residual[None], plan, backend=self.backend)[0]
         return hidden, residual
+
+    def _run_text_stream(self, attn_metadata: dict, layout: tuple[list[int], ...], positions: Tensor, hidden: Tensor,
+                         residual: Tensor) -> tuple[Tensor, Tensor]:
+        """Layers ``[r, N-f)`` on the text tokens, each deep KV group reading the text stream's view of the step."""
+        # vLLM gives KV cache groups equal layer counts, so the deep layers may span several groups (r small against
+        # N): each group has its own block table, hence its own slots; the rest of the view is shared.
+        view = self._stream_view(layout)
+        groups: dict[int, list[str]] = {}
+        for name in self._deep_names:
+            groups.setdefault(id(attn_metadata[name]), []).append(name)
+        metadata = {name: meta for names in groups.values()
+                    for meta in [self._group_metadata(attn_metadata[names[0]], view)] for name in names}
+        with self._swapped_metadata(metadata, self._deep_names):
+            return self._text_stream(positions, hidden, residual)
 
     @contextlib.contextmanager
     def _swapped_metadata(self, metadata: dict[str, CommonAttentionMetadata], names: list[str]):
@@ -438,12 +444,14 @@ class _DPVRForConditionalGeneration:
         # CPU layout: [num_blocks, num_kv_heads, block_size, 2 * head_size]
         return get_forward_context().no_compile_layers[self._deep_names[0]].kv_cache.shape[2]
 
-    def _stream_layouts(self, step, query_start: Tensor, plan) -> tuple[tuple[list[int], ...], tuple[list[int], ...]]:
+    def _stream_layouts(self, step, q_len: list[int], q_text: list[int]) -> tuple[tuple[list[int], ...],
+                                                                                   tuple[list[int], ...]]:
         """The text stream's and the side branch's view of the step, per request with such tokens (the kept ones):
         its row, its queries now, and its tokens of that kind already in the stream's KV. A request's earlier
         tokens (earlier chunks, its decoded tokens, or a prefix-cache hit) are split into text and vision by its
-        placeholders, which the runner holds."""
-        num_reqs = query_start.numel() - 1
+        placeholders, which the runner holds. ``q_len``: each request's tokens in this step, ``q_text``: its text
+        tokens."""
+        num_reqs = len(q_len)
         runner = _RUNNER[0]
         if runner is None or runner.input_batch.num_reqs != num_reqs:
             raise RuntimeError(
@@ -451,7 +459,6 @@ class _DPVRForConditionalGeneration:
                 f"model runner, or its batch has {getattr(runner, 'input_batch', None) and runner.input_batch.num_reqs} "
                 f"requests where the metadata has {num_reqs}); please report this with the engine arguments"
             )
-        q_text, q_len = list(plan.text_seqlens), (query_start[1:] - query_start[:-1]).tolist()
         q_vision = [q - t for q, t in zip(q_len, q_text, strict=True)]
         # Tokens each request computed before this step (not its first position: M-RoPE compresses positions).
         done = [int(s) - q for s, q in zip(step.seq_lens[:num_reqs].tolist(), q_len, strict=True)]
@@ -469,32 +476,37 @@ class _DPVRForConditionalGeneration:
         return ((text, [q_text[i] for i in text], [done[i] - vision_before[i] for i in text]),
                 (vision, [q_vision[i] for i in vision], [vision_before[i] for i in vision]))
 
-    def _group_metadata(self, group_step, layout: tuple[list[int], ...]) -> CommonAttentionMetadata:
-        """One stream's view of this step in one KV cache group, for the backend's metadata builder: per kept request
-        its queries, its keys so far (seq_lens in that stream's tokens), and the compacted slots of its tokens of
-        that stream in the group's blocks."""
-        keep, q_text, before = layout
+    def _stream_view(self, layout: tuple[list[int], ...]) -> tuple:
+        """The part of one stream's view of this step that every KV group shares: per kept request its queries, its
+        keys so far (in that stream's tokens), and each query's compacted index in the request's blocks."""
+        keep, q_stream, before = layout
+        q = torch.tensor(q_stream, dtype=torch.int32)
+        seq = torch.tensor([b + t for b, t in zip(before, q_stream, strict=True)], dtype=torch.int32)
+        query_start = torch.zeros(len(keep) + 1, dtype=torch.int32)
+        torch.cumsum(q, 0, out=query_start[1:])
+        # Token k of kept request j sits at compacted index before[j] + k of that request's blocks.
+        row = torch.repeat_interleave(torch.arange(len(keep)), q.long())
+        index = torch.arange(int(query_start[-1])) + (torch.tensor(before, dtype=torch.long)
+                                                     - query_start[:-1].long())[row]
+        return keep, query_start, seq, row, index, (max(q_stream) if keep else 0, int(seq.max()) if keep else 0)
+
+    def _group_metadata(self, group_step, view: tuple) -> CommonAttentionMetadata:
+        """One stream's view of this step in one KV cache group, for the backend's metadata builder: the shared view
+        (``_stream_view``) with the group's block table and the compacted slots of the stream's tokens in it."""
+        keep, query_start, seq, row, index, (max_query, max_seq) = view
         device = group_step.block_table.device
         block_size = self._block_size()
         block_table = group_step.block_table[keep]
-        q = torch.tensor(q_text, dtype=torch.int32)
-        seq = torch.tensor([b + t for b, t in zip(before, q_text, strict=True)], dtype=torch.int32)
-        query_start_text = torch.zeros(len(keep) + 1, dtype=torch.int32)
-        torch.cumsum(q, 0, out=query_start_text[1:])
-        # Text token k of kept request j sits at compacted index before[j] + k of that request's blocks.
-        row = torch.repeat_interleave(torch.arange(len(keep)), q.long())
-        index = torch.arange(int(q.sum())) - query_start_text[:-1].long()[row] + torch.tensor(before,
-                                                                                               dtype=torch.long)[row]
         slots = block_table[row.to(device), (index // block_size).to(device)].long() * block_size + (
             index % block_size).to(device)
         return CommonAttentionMetadata(
-            query_start_loc=query_start_text.to(device),
-            query_start_loc_cpu=query_start_text,
+            query_start_loc=query_start.to(device),
+            query_start_loc_cpu=query_start,
             seq_lens=seq.to(device),
             num_reqs=len(keep),
-            num_actual_tokens=int(q.sum()),
-            max_query_len=int(q.max()) if keep else 0,
-            max_seq_len=int(seq.max()) if keep else 0,
+            num_actual_tokens=int(query_start[-1]),
+            max_query_len=max_query,
+            max_seq_len=max_seq,
             block_table_tensor=block_table,
             slot_mapping=slots.to(group_step.slot_mapping.dtype),
             causal=True,
