@@ -205,7 +205,9 @@ class _StreamManager(FullAttentionManager):
         while boundary <= end:
             now = self._count(rid, boundary)
             block_hash = request.block_hashes[boundary // h - 1]
-            for j in range(before // bs, now // bs):  # blocks that became full within this hash block
+            # The block that became full within this hash block: at most one, as a hash block (h tokens) never holds
+            # more than h <= B stream tokens; so one complete key per boundary.
+            for j in range(before // bs, now // bs):
                 self._insert(block_hash, self.kv_cache_group_id | _COMPLETE, blocks[j], boundary)
             if now % bs:
                 self._insert(block_hash, self.kv_cache_group_id, blocks[now // bs], boundary)
