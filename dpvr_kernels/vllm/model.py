@@ -453,11 +453,12 @@ class _DPVRForConditionalGeneration:
         tokens."""
         num_reqs = len(q_len)
         runner = _RUNNER[0]
-        if runner is None or runner.input_batch.num_reqs != num_reqs:
+        batch = runner.input_batch.num_reqs if runner is not None else "no"
+        if batch != num_reqs:
             raise RuntimeError(
-                f"{type(self).__name__}: the step's requests are unknown (the model was called outside vLLM's "
-                f"model runner, or its batch has {getattr(runner, 'input_batch', None) and runner.input_batch.num_reqs} "
-                f"requests where the metadata has {num_reqs}); please report this with the engine arguments"
+                f"{type(self).__name__}: the step's requests are unknown (the runner's batch has {batch} requests, the "
+                f"attention metadata {num_reqs}; is the model called outside vLLM's model runner?); please report "
+                "this with the engine arguments"
             )
         q_vision = [q - t for q, t in zip(q_len, q_text, strict=True)]
         # Tokens each request computed before this step (not its first position: M-RoPE compresses positions).
