@@ -35,7 +35,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec  # noqa: E402
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry  # noqa: E402
 
 __all__ = ["TextOnlyAttentionManager", "TextOnlyAttentionSpec", "VisionOnlyAttentionManager", "VisionOnlyAttentionSpec",
-           "text_only_spec", "vision_only_spec", "vision_tokens_before"]
+           "VisionLayout", "text_only_spec", "vision_only_spec"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,10 +75,6 @@ def vision_only_spec(full: AttentionSpec) -> VisionOnlyAttentionSpec:
     return _twin(VisionOnlyAttentionSpec, full)
 
 
-_REQUESTS: dict[str, object] = {}
-"""Scheduler process: each request with text-only or vision-only blocks (vLLM ``Request``: its multimodal
-placeholders and block hashes), by request id, from its first cache lookup or allocation until it is freed."""
-
 _LOOKUP: list = [None]
 """Scheduler process: the request whose prefix-cache hit is being looked up (the finder gets its hashes only)."""
 
@@ -90,9 +86,10 @@ def _vision_before(span, num_tokens: int) -> int:
     return covered if is_embed is None else int(is_embed[:covered].sum())
 
 
-class _VisionLayout:
-    """Where a request's vision tokens sit (its placeholders), for counting them before any token index; past the
-    last placeholder (every decode step) the count is the total, without a loop."""
+class VisionLayout:
+    """Where a request's vision tokens sit (its multimodal features' ``mm_position`` placeholders), for counting
+    them before any token index; past the last placeholder (every decode step) the count is the total, without a
+    loop. The scheduler sizes blocks with it, the model places a request's tokens in the compacted streams with it."""
 
     __slots__ = ("end", "spans", "total")
 
@@ -107,15 +104,9 @@ class _VisionLayout:
         return sum(_vision_before(span, num_tokens) for span in self.spans)
 
 
-def vision_tokens_before(mm_features, num_tokens: int) -> int:
-    """Vision tokens among the first ``num_tokens`` tokens of a request with these multimodal features (vLLM
-    ``MultiModalFeatureSpec``: their ``mm_position`` placeholders). The scheduler sizes blocks with it, the model
-    places a request's tokens in the compacted streams with it."""
-    return _VisionLayout(mm_features).before(num_tokens)
-
-
-_LAYOUTS: dict[str, _VisionLayout] = {}
-"""Scheduler process: the vision layout of each request in ``_REQUESTS``."""
+_LAYOUTS: dict[str, VisionLayout] = {}
+"""Scheduler process: the vision layout of each request with text-only or vision-only blocks, by request id, from
+its first cache lookup or allocation until it is freed."""
 
 
 def _vision_tokens(request_id: str, num_tokens: int) -> int:
@@ -292,8 +283,7 @@ def _record_request(method):
     def wrapper(self: KVCacheManager, request, *args, **kwargs):
         if _stream_managers(self):
             if request.request_id not in _LAYOUTS:
-                _LAYOUTS[request.request_id] = _VisionLayout(request.mm_features)
-            _REQUESTS[request.request_id] = request
+                _LAYOUTS[request.request_id] = VisionLayout(request.mm_features)
             _LOOKUP[0] = request
         try:
             return method(self, request, *args, **kwargs)
@@ -304,36 +294,21 @@ def _record_request(method):
     return wrapper
 
 
-def _register_then_free(free):
-    """Wraps ``KVCacheManager.free``: a finished (or preempted) request's last computed tokens get their keys
-    before its blocks go back to the pool (where they stay cached until reused)."""
+def _forget_on_free(free, register: bool):
+    """Wraps ``KVCacheManager.free`` (``register``: a finished or preempted request's last computed tokens get their
+    keys before its blocks go back to the pool, where they stay cached until reused) or ``pop_blocks_for_free`` (a
+    free deferred while a step may still write the blocks: no keys, their KV may not be written yet). Either way
+    the request is forgotten."""
 
     @functools.wraps(free)
     def wrapper(self: KVCacheManager, request, *args, **kwargs):
-        if request.request_id in _REQUESTS:
+        if register and request.request_id in _LAYOUTS:
             for manager in _stream_managers(self):
                 if manager.enable_caching and request.request_id in manager.req_to_blocks:
                     manager.register_keys(request, request.num_computed_tokens)
         try:
             return free(self, request, *args, **kwargs)
         finally:
-            _REQUESTS.pop(request.request_id, None)
-            _LAYOUTS.pop(request.request_id, None)
-
-    wrapper._dpvr_wrapped = True
-    return wrapper
-
-
-def _forget_after(pop_blocks_for_free):
-    """Wraps ``KVCacheManager.pop_blocks_for_free`` (a free deferred while a step may still write the blocks): the
-    request is forgotten; its last tokens get no keys (their KV may not be written yet)."""
-
-    @functools.wraps(pop_blocks_for_free)
-    def wrapper(self: KVCacheManager, request, *args, **kwargs):
-        try:
-            return pop_blocks_for_free(self, request, *args, **kwargs)
-        finally:
-            _REQUESTS.pop(request.request_id, None)
             _LAYOUTS.pop(request.request_id, None)
 
     wrapper._dpvr_wrapped = True
@@ -345,7 +320,8 @@ def _register() -> None:
     KVCacheSpecRegistry.register(TextOnlyAttentionSpec, TextOnlyAttentionManager)
     KVCacheSpecRegistry.register(VisionOnlyAttentionSpec, VisionOnlyAttentionManager)
     for name, wrap in (("get_computed_blocks", _record_request), ("allocate_slots", _record_request),
-                       ("free", _register_then_free), ("pop_blocks_for_free", _forget_after)):
+                       ("free", functools.partial(_forget_on_free, register=True)),
+                       ("pop_blocks_for_free", functools.partial(_forget_on_free, register=False))):
         method = getattr(KVCacheManager, name)
         if not getattr(method, "_dpvr_wrapped", False):
             setattr(KVCacheManager, name, wrap(method))

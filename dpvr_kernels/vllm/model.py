@@ -57,7 +57,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
 from ..models.attention import attend_segments  # noqa: E402
 from ..ops import fuse_merge, route_split  # noqa: E402
 from ..plan import build_route_plan_from_mask  # noqa: E402
-from .kv_cache import text_only_spec, vision_only_spec, vision_tokens_before  # noqa: E402
+from .kv_cache import VisionLayout, text_only_spec, vision_only_spec  # noqa: E402
 
 __all__ = ["DPVRLlavaForConditionalGeneration", "DPVRLlavaNextForConditionalGeneration",
            "DPVRLlavaOnevisionForConditionalGeneration", "DPVRQwen2_5_VLForConditionalGeneration", "SideBranchAttention"]
@@ -465,7 +465,11 @@ class _DPVRForConditionalGeneration:
         done = [int(s) - q for s, q in zip(step.seq_lens[:num_reqs].tolist(), q_len, strict=True)]
         vision_before = []  # vision tokens of each request computed before this step
         for i, request_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
-            vision_before.append(vision_tokens_before(runner.requests[request_id].mm_features, done[i]))
+            state = runner.requests[request_id]
+            layout = state.__dict__.get("_dpvr_vision")  # made once per request, kept on vLLM's request state
+            if layout is None:
+                layout = state._dpvr_vision = VisionLayout(state.mm_features)
+            vision_before.append(layout.before(done[i]))
             if q_vision[i] and vision_before[i] and not self._side_kv:
                 raise RuntimeError(
                     f"{type(self).__name__}: a request has {q_vision[i]} vision tokens after {vision_before[i]} earlier "
