@@ -9,13 +9,17 @@ Per engine step vLLM hands the model the flattened tokens of many requests. The 
    vision tokens, original positions; its KV in a vision-only group of its own, at compacted slots, when a
    request's vision tokens may span steps (chunked prefill, prefix caching: vLLM's defaults), else uncached
    (:class:`SideBranchAttention`);
-4. **text stream**: layers ``[r, N-f)`` on the text tokens only. Their attention metadata is rebuilt for the
+4. **text stream**: layers ``[r, N-f)`` on the text tokens only. Their attention metadata is built for the
    text subset by the backend's own metadata builder (the way vLLM's Gemma3n fast prefill gives some layers a
    subset of the tokens): per request, queries are its text tokens, keys its earlier text tokens, and the KV
    cache holds text tokens at compacted slots of the request's blocks in the deep layers' own KV cache group
    (``kv_cache.py``: blocks sized for text tokens only, prefix-cached under keys that chain over the whole
    prompt);
 5. **fuse**: both streams back to their positions (``fuse_merge``), then layers ``[N-f, N)`` on every token.
+
+A step with no vision token (every decode step) skips 2-5's routing: the deep layers' builder, which vLLM's runner
+calls before the forward (:class:`_Step`, ``_text_stream_backend``), already gave them the text stream's view, so
+the forward runs the three layer ranges back to back.
 
 Imported by vLLM (through :func:`dpvr_kernels.vllm.register`) only when a DPVR checkpoint is served.
 """
@@ -27,6 +31,7 @@ import dataclasses
 import functools
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -51,7 +56,11 @@ from vllm.model_executor.models.llava_next import LlavaNextForConditionalGenerat
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration  # noqa: E402
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer  # noqa: E402
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration  # noqa: E402
-from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
+from vllm.v1.attention.backend import (  # noqa: E402
+    AttentionCGSupport,
+    CommonAttentionMetadata,
+    subclass_attention_backend,
+)
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
 
 from ..models.attention import attend_segments  # noqa: E402
@@ -87,29 +96,140 @@ def _refuse_engine_settings(vllm_config: VllmConfig, name: str = ARCHITECTURE) -
         )
 
 
-_RUNNER: list = [None]
-"""The model runner whose forward is running (this worker process): the step's requests, in batch order, and their
-multimodal placeholders."""
+class _Step:
+    """The step's requests as the two streams see them, worked out once per step on the host from vLLM's runner,
+    just before it builds the attention metadata: per request (batch order) its tokens computed before this step
+    (``done``), its tokens now (``q_len``), the vision tokens among the computed ones (``vision_before``, from its
+    placeholders: a request that starts from cached blocks has vision tokens before its first scheduled token).
+
+    ``all_text``: no vision token is scheduled (every decode step, text-only prompts, prompt chunks past the
+    images). Such a step needs no route: the deep layers' metadata builder (:class:`_TextStreamBuilder`) turns their
+    metadata into the text stream's view, so the forward runs the three layer ranges back to back with no host work
+    of its own (what CUDA graphs of a decode step need). ``text_index``: then each token's index in its request's
+    text stream, ``row`` its request."""
+
+    __slots__ = ("all_text", "done", "max_text_len", "q_len", "row", "text_index", "text_lens", "vision_before")
+
+    def __init__(self, done: list[int], q_len: list[int], vision_before: list[int], all_text: bool) -> None:
+        self.done, self.q_len, self.vision_before, self.all_text = done, q_len, vision_before, all_text
+        self.text_index = self.row = self.text_lens = None
+        self.max_text_len = 0
+        if all_text and any(vision_before):  # else every stream index is the token's own index: nothing to change
+            q = torch.tensor(q_len)
+            self.text_lens = torch.tensor([d - v + n for d, v, n in zip(done, vision_before, q_len, strict=True)],
+                                          dtype=torch.int32)
+            self.max_text_len = int(self.text_lens.max())
+            self.row = torch.repeat_interleave(torch.arange(len(q_len)), q)
+            start = torch.zeros(len(q_len), dtype=torch.long)
+            torch.cumsum(q[:-1], 0, out=start[1:])
+            # Token k of request i is its text token (done_i - vision_before_i) + k.
+            self.text_index = torch.arange(int(q.sum())) + (self.text_lens.long() - q - start)[self.row]
+
+    @classmethod
+    def of(cls, runner, num_reqs: int) -> _Step:
+        batch = runner.input_batch
+        q_len = np.diff(runner.query_start_loc.np[: num_reqs + 1]).tolist()
+        done = batch.num_computed_tokens_cpu[:num_reqs].tolist()
+        vision_before, all_text = [], True
+        for i, request_id in enumerate(batch.req_ids[:num_reqs]):
+            state = runner.requests[request_id]
+            layout = state.__dict__.get("_dpvr_vision")  # made once per request, kept on vLLM's request state
+            if layout is None:
+                layout = state._dpvr_vision = VisionLayout(state.mm_features)
+            vision_before.append(layout.before(done[i]))
+            all_text = all_text and layout.before(done[i] + q_len[i]) == vision_before[i]
+        return cls(done, q_len, vision_before, all_text)
 
 
-def _note_runner(model_forward):
-    """Wraps the runner's ``_model_forward``: the model reads the step's requests from it (a request that starts
-    from cached blocks has vision tokens before its first scheduled token, which only its placeholders tell)."""
+_STEP: list[_Step | None] = [None]
+"""This worker's current step (set before its attention metadata is built, kept through its forward); ``None`` in
+vLLM's dummy runs (profiling, warm-up, graph capture), whose tokens are all text with nothing before them."""
 
-    @functools.wraps(model_forward)
+_DUMMY: list[bool] = [False]
+
+
+def _note_step(build_attention_metadata):
+    """Wraps the runner's ``_build_attention_metadata``: the step's :class:`_Step`, before any builder runs."""
+
+    @functools.wraps(build_attention_metadata)
     def wrapper(self, *args, **kwargs):
-        _RUNNER[0] = self
-        try:
-            return model_forward(self, *args, **kwargs)
-        finally:
-            _RUNNER[0] = None
+        num_reqs = kwargs["num_reqs"] if "num_reqs" in kwargs else args[1]
+        real = not _DUMMY[0] and not kwargs.get("for_cudagraph_capture") and self.input_batch.num_reqs == num_reqs
+        _STEP[0] = _Step.of(self, num_reqs) if real else None
+        return build_attention_metadata(self, *args, **kwargs)
 
     wrapper._dpvr_wrapped = True
     return wrapper
 
 
-if not getattr(GPUModelRunner._model_forward, "_dpvr_wrapped", False):  # the CPU runner inherits it
-    GPUModelRunner._model_forward = _note_runner(GPUModelRunner._model_forward)
+def _note_dummy(dummy_run):
+    """Wraps the runner's ``_dummy_run``: its batch is made up, not the input batch's requests."""
+
+    @functools.wraps(dummy_run)
+    def wrapper(self, *args, **kwargs):
+        _DUMMY[0] = True
+        try:
+            return dummy_run(self, *args, **kwargs)
+        finally:
+            _DUMMY[0], _STEP[0] = False, None
+
+    wrapper._dpvr_wrapped = True
+    return wrapper
+
+
+for _name, _wrap in (("_build_attention_metadata", _note_step), ("_dummy_run", _note_dummy)):
+    if not getattr(getattr(GPUModelRunner, _name), "_dpvr_wrapped", False):  # the CPU runner inherits both
+        setattr(GPUModelRunner, _name, _wrap(getattr(GPUModelRunner, _name)))
+
+
+@functools.cache
+def _text_stream_backend(backend: type) -> type:
+    """The deep layers' attention backend: ``backend`` with :class:`_TextStreamBuilder` as its metadata builder."""
+    base = backend.get_builder_cls()
+
+    class _TextStreamBuilder(base):
+        """Builds the deep layers' metadata for the text stream in an all-text step (queries: each request's text
+        tokens now; keys: its text tokens so far; slots: their compacted indices in the request's text-only blocks),
+        the way vLLM's KV-sharing fast prefill builds some layers' metadata for a subset of the tokens. A step with
+        vision tokens is routed in the forward, which builds this view after the route (``_group_metadata``)."""
+
+        supports_update_block_table = False  # the slots follow each group's block table: build every group
+
+        @classmethod
+        def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+            # Piecewise graphs only (vLLM's fallback: the layer ranges are captured, attention runs between them). A
+            # full decode graph would replay the all-text forward for any batch of one-token queries, and a prompt
+            # chunk of one vision token is such a query.
+            return AttentionCGSupport.NEVER
+
+        def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+                  fast_build: bool = False):
+            step = _STEP[0]
+            if step is not None and step.text_lens is not None:
+                common_attn_metadata = _text_view(step, common_attn_metadata, self.kv_cache_spec.block_size)
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+
+    _TextStreamBuilder.__qualname__ = _TextStreamBuilder.__name__ = f"DPVRTextStream{base.__name__}"
+    return subclass_attention_backend("DPVRTextStream", backend, _TextStreamBuilder)
+
+
+def _text_view(step: _Step, cm: CommonAttentionMetadata, block_size: int) -> CommonAttentionMetadata:
+    """One deep KV group's metadata of an all-text step as the text stream sees it. Its slot mapping (the runner's
+    buffer for the group, which the layers read from the forward context) is rewritten in place."""
+    device = cm.seq_lens.device
+    num_reqs, n = len(step.q_len), step.text_index.numel()
+    index = step.text_index.to(device)
+    slots = cm.block_table_tensor[step.row.to(device), index // block_size].long() * block_size + index % block_size
+    cm.slot_mapping[:n].copy_(slots)
+    seq_lens = cm.seq_lens.clone()
+    seq_lens[:num_reqs] = step.text_lens.to(device=device, dtype=seq_lens.dtype)
+    changed = {"seq_lens": seq_lens, "max_seq_len": step.max_text_len}
+    upper = getattr(cm, "seq_lens_cpu_upper_bound", None)
+    if upper is not None:
+        upper = upper.clone()
+        upper[:num_reqs] = step.text_lens.to(upper.dtype)
+        changed["seq_lens_cpu_upper_bound"] = upper
+    return dataclasses.replace(cm, **changed)
 
 
 class SideBranchAttention(nn.Module):
@@ -289,17 +409,15 @@ class _DPVRForConditionalGeneration:
         for i in self.deep_layers:  # their own KV cache group, blocks for text tokens only (kv_cache.py)
             attn = decoder.layers[i].self_attn.attn
             attn.get_kv_cache_spec = functools.partial(_text_only_kv_cache_spec, attn)
-        # A fusion layer is always full attention (layer 0 is a deep layer when r = 0): its block table keys a
-        # request's vision count, and its metadata gives the step's requests and positions.
+            attn.attn_backend = _text_stream_backend(attn.attn_backend)  # their metadata: the text stream's view
+        # A fusion layer is always full attention (layer 0 is a deep layer when r = 0): its metadata gives a routed
+        # step's query starts.
         self._full_name = decoder.layers[num_layers - 1].self_attn.attn.layer_name
         self._vllm_config = vllm_config
         self._builders: dict[tuple[str, ...], object] = {}
         # vLLM's own mask of the step's multimodal placeholder positions (the vision tokens), from embed_input_ids.
         # Not input_ids == image_token_id: a generated token may carry that id, and vLLM embeds it as text.
         self._vision_mask: Tensor | None = None
-        # Without multimodal inputs (limit_mm_per_prompt 0, language_model_only) the runner feeds token ids and
-        # never calls embed_input_ids: every token is text.
-        self._multimodal_inputs = vllm_config.model_config.supports_multimodal_inputs
 
     # ------------------------------------------------------------------------------------------- weights
 
@@ -340,38 +458,39 @@ class _DPVRForConditionalGeneration:
         if self._full_layers is not None:
             hidden, residual = self._full_layers(positions, hidden, residual)
 
+        step = _STEP[0]
         attn_metadata = get_forward_context().attn_metadata
-        if not attn_metadata:  # vLLM's profiling/warm-up runs: no metadata, attention is a no-op; every token is text
+        if not attn_metadata or step is None or step.all_text:
+            # Every token text (decode steps, text-only prompts, vLLM's dummy runs): no route; the deep layers'
+            # metadata is the text stream's view already (_TextStreamBuilder). Nothing here reads the device.
+            self._vision_mask = None
             hidden, residual = self._text_stream(positions, hidden, residual)
         else:
-            hidden, residual = self._route_text_stream_and_fuse(positions, hidden, residual, attn_metadata)
+            hidden, residual = self._route_text_stream_and_fuse(step, positions, hidden, residual, attn_metadata)
         hidden, _ = self._fusion_layers(positions, hidden, residual)
         return hidden
 
-    def _route_text_stream_and_fuse(self, positions: Tensor, hidden: Tensor, residual: Tensor | None,
+    def _route_text_stream_and_fuse(self, step: _Step, positions: Tensor, hidden: Tensor, residual: Tensor,
                                     attn_metadata: dict) -> tuple[Tensor, Tensor]:
         decoder = self.language_model.model
-        step = attn_metadata[self._full_name]
         n = hidden.shape[0]
-        query_start = step.query_start_loc.to(torch.long)
-        num_reqs = query_start.numel() - 1
-        num_actual = int(query_start[-1])
+        num_reqs = len(step.q_len)
+        full = attn_metadata[self._full_name]
+        if full.query_start_loc.numel() - 1 != num_reqs:
+            raise RuntimeError(
+                f"{type(self).__name__}: the step's requests are unknown (the runner's batch has {num_reqs} requests, "
+                f"the attention metadata {full.query_start_loc.numel() - 1}; is the model called outside vLLM's model "
+                "runner?); please report this with the engine arguments"
+            )
+        num_actual = sum(step.q_len)
         marked, self._vision_mask = self._vision_mask, None
-        if not self._multimodal_inputs:
-            marked = torch.zeros(num_actual, dtype=torch.bool, device=hidden.device)
         if marked is None or marked.numel() != num_actual:
             raise RuntimeError(
                 f"{type(self).__name__}: the vision-token mask of this step ({num_actual} tokens) is missing or stale: vLLM's "
                 "runner did not call embed_input_ids before forward, which vLLM 0.32's runner does for every "
                 "multimodal step; please report this with the engine arguments"
             )
-        q_len = (query_start[1:] - query_start[:-1]).tolist()
-        if num_actual == n and not bool(marked.any()):
-            # Every token text (decode steps, text-only prompts): the text stream is the states as they are, no
-            # plan, gather or scatter.
-            text_layout, _ = self._stream_layouts(step, q_len, q_len)
-            return self._run_text_stream(attn_metadata, text_layout, positions, hidden, residual)
-
+        query_start = full.query_start_loc.to(torch.long)
         token = torch.arange(n, device=hidden.device)
         # One sequence per request; tokens past the scheduled ones (padding) are pad.
         sequence = (torch.bucketize(token, query_start[1:].to(hidden.device), right=True)).clamp(max=num_reqs - 1)
@@ -383,7 +502,7 @@ class _DPVRForConditionalGeneration:
         text_h, vision_h = route_split(hidden[None], plan, backend=self.backend)
         text_r, vision_r = route_split(residual[None], plan, backend=self.backend)
 
-        text_layout, vision_layout = self._stream_layouts(step, q_len, list(plan.text_seqlens))
+        text_layout, vision_layout = self._stream_layouts(step, list(plan.text_seqlens))
         if plan.num_text:
             text_h, text_r = self._run_text_stream(attn_metadata, text_layout, plan.text_position_ids, text_h, text_r)
         if plan.num_vision:
@@ -444,32 +563,14 @@ class _DPVRForConditionalGeneration:
         # CPU layout: [num_blocks, num_kv_heads, block_size, 2 * head_size]
         return get_forward_context().no_compile_layers[self._deep_names[0]].kv_cache.shape[2]
 
-    def _stream_layouts(self, step, q_len: list[int], q_text: list[int]) -> tuple[tuple[list[int], ...],
-                                                                                   tuple[list[int], ...]]:
-        """The text stream's and the side branch's view of the step, per request with such tokens (the kept ones):
-        its row, its queries now, and its tokens of that kind already in the stream's KV. A request's earlier
+    def _stream_layouts(self, step: _Step, q_text: list[int]) -> tuple[tuple[list[int], ...], tuple[list[int], ...]]:
+        """The text stream's and the side branch's view of a routed step, per request with such tokens (the kept
+        ones): its row, its queries now, and its tokens of that kind already in the stream's KV. A request's earlier
         tokens (earlier chunks, its decoded tokens, or a prefix-cache hit) are split into text and vision by its
-        placeholders, which the runner holds. ``q_len``: each request's tokens in this step, ``q_text``: its text
-        tokens."""
-        num_reqs = len(q_len)
-        runner = _RUNNER[0]
-        batch = runner.input_batch.num_reqs if runner is not None else "no"
-        if batch != num_reqs:
-            raise RuntimeError(
-                f"{type(self).__name__}: the step's requests are unknown (the runner's batch has {batch} requests, the "
-                f"attention metadata {num_reqs}; is the model called outside vLLM's model runner?); please report "
-                "this with the engine arguments"
-            )
-        q_vision = [q - t for q, t in zip(q_len, q_text, strict=True)]
-        # Tokens each request computed before this step (not its first position: M-RoPE compresses positions).
-        done = [int(s) - q for s, q in zip(step.seq_lens[:num_reqs].tolist(), q_len, strict=True)]
-        vision_before = []  # vision tokens of each request computed before this step
-        for i, request_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
-            state = runner.requests[request_id]
-            layout = state.__dict__.get("_dpvr_vision")  # made once per request, kept on vLLM's request state
-            if layout is None:
-                layout = state._dpvr_vision = VisionLayout(state.mm_features)
-            vision_before.append(layout.before(done[i]))
+        placeholders (``step.vision_before``). ``q_text``: each request's text tokens in this step."""
+        num_reqs, done, vision_before = len(step.q_len), step.done, step.vision_before
+        q_vision = [q - t for q, t in zip(step.q_len, q_text, strict=True)]
+        for i in range(num_reqs):
             if q_vision[i] and vision_before[i] and not self._side_kv:
                 raise RuntimeError(
                     f"{type(self).__name__}: a request has {q_vision[i]} vision tokens after {vision_before[i]} earlier "

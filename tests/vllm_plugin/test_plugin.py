@@ -207,6 +207,77 @@ def test_chunked_prefill_matches_unchunked_and_hf(folders, stock_error, budget, 
     assert whole[0] == chunked[0]
 
 
+def test_all_text_steps_run_unrouted_on_the_builders_text_view(folders, monkeypatch):
+    """Steps with no vision token (decode, prompt chunks past the images) are not routed: the deep layers' metadata
+    builder already gave them the text stream's view (keys: each request's text tokens so far), and the forward
+    runs the three layer ranges back to back. Between the ranges it reads nothing from the device, which CUDA graphs
+    of a decode step need: the only op outside the layers is the residual's zeros (counted with a dispatch mode
+    that pauses inside the ranges). Tokens equal HF DPVR-LF's."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+    from vllm.forward_context import get_forward_context
+
+    from dpvr_kernels.vllm import model as plugin_model
+
+    cls = plugin_model._DPVRForConditionalGeneration
+    forward, route = cls.forward, cls._route_text_stream_and_fuse
+    steps = []  # per forward: all-text?, routed?, text keys expected and given, ops outside the ranges
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    def paused(run):
+        def call(*args):
+            with _disable_current_modes():
+                return run(*args)
+        return call
+
+    def spy_forward(self, *args, **kwargs):
+        step, ctx = plugin_model._STEP[0], get_forward_context()
+        if step is None or not ctx.attn_metadata:
+            return forward(self, *args, **kwargs)
+        record = {"all_text": step.all_text, "routed": False, "vision_before": sum(step.vision_before)}
+        if step.all_text:
+            full = ctx.attn_metadata[self._full_name].seq_lens.tolist()
+            record["want"] = [s - v for s, v in zip(full, step.vision_before, strict=True)]
+            record["got"] = ctx.attn_metadata[self._deep_names[-1]].seq_lens.tolist()
+        steps.append(record)
+        if not step.all_text:
+            return forward(self, *args, **kwargs)
+        ranges = [(name, getattr(self, name)) for name in ("_full_layers", "_text_stream", "_fusion_layers")]
+        for name, module in ranges:
+            object.__setattr__(self, name, paused(module))  # an instance attribute shadows the submodule
+        try:
+            with Ops() as ops:
+                out = forward(self, *args, **kwargs)
+        finally:
+            for name, _ in ranges:
+                self.__dict__.pop(name, None)
+        record["ops"] = ops.seen
+        return out
+
+    def spy_route(self, *args, **kwargs):
+        steps[-1]["routed"] = True
+        return route(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", spy_forward)
+    monkeypatch.setattr(cls, "_route_text_stream_and_fuse", spy_route)
+    _, dpvr = folders
+    got = vllm_greedy(dpvr, **EAGER)
+    assert got[0] == hf_greedy(dpvr, patched=True)[0]
+    text_steps = [s for s in steps if s["all_text"]]
+    assert all(s["routed"] != s["all_text"] for s in steps), "exactly the steps with vision tokens are routed"
+    assert any(s["vision_before"] for s in text_steps), "no decode step after an image"
+    for s in text_steps:
+        assert s["got"] == s["want"], f"the deep layers' keys {s['got']} are not the text tokens so far {s['want']}"
+        assert s["ops"] == ["aten.zeros_like"], f"ops outside the layer ranges in an all-text step: {s['ops']}"
+
+
 def conversation_turns() -> list[tuple[str, list]]:
     """Prompts that extend each other, as a chat's turns do (the same image, the conversation so far, a new
     question), a prompt that shares the first one's image but not its question, and a two-image chat. 16 vision
