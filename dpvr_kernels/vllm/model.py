@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
+import os
 from collections.abc import Iterable
 
 import numpy as np
@@ -74,6 +76,10 @@ __all__ = ["DPVRLlavaForConditionalGeneration", "DPVRLlavaNextForConditionalGene
 SUPPORTED_ATTENTION_BACKENDS = ("CPU_ATTN",)
 """Attention backends whose metadata rewrite is tested (vLLM's CPU build)."""
 
+TRY_BACKEND_ENV = "DPVR_VLLM_TRY_BACKEND"
+"""Set to a backend's name to serve with it although no test has run it, with a warning: how the GPU kit's vLLM stage
+(``scripts/vllm_cuda_check.py``) tries a CUDA backend, whose answers it then checks."""
+
 
 def _refuse_engine_settings(vllm_config: VllmConfig, name: str = ARCHITECTURE) -> None:
     """Refuse the engine settings DPVR-LF cannot serve exactly, with an error that names the fix (vLLM's defaults
@@ -108,22 +114,35 @@ class _Step:
     of its own (what CUDA graphs of a decode step need). ``text_index``: then each token's index in its request's
     text stream, ``row`` its request."""
 
-    __slots__ = ("all_text", "done", "max_text_len", "q_len", "row", "text_index", "text_lens", "vision_before")
+    __slots__ = ("_tensors", "all_text", "done", "max_text_len", "q_len", "row", "text_index", "text_lens",
+                 "vision_before")
 
     def __init__(self, done: list[int], q_len: list[int], vision_before: list[int], all_text: bool) -> None:
         self.done, self.q_len, self.vision_before, self.all_text = done, q_len, vision_before, all_text
         self.text_index = self.row = self.text_lens = None
         self.max_text_len = 0
+        self._tensors: dict = {}
         if all_text and any(vision_before):  # else every stream index is the token's own index: nothing to change
-            q = torch.tensor(q_len)
-            self.text_lens = torch.tensor([d - v + n for d, v, n in zip(done, vision_before, q_len, strict=True)],
-                                          dtype=torch.int32)
+            # Host arithmetic in numpy (a few small arrays); the tensors are made once per step (text_tensors).
+            q = np.asarray(q_len, dtype=np.int64)
+            done_text = np.asarray(done, dtype=np.int64) - np.asarray(vision_before, dtype=np.int64)
+            self.text_lens = done_text + q
             self.max_text_len = int(self.text_lens.max())
-            self.row = torch.repeat_interleave(torch.arange(len(q_len)), q)
-            start = torch.zeros(len(q_len), dtype=torch.long)
-            torch.cumsum(q[:-1], 0, out=start[1:])
-            # Token k of request i is its text token (done_i - vision_before_i) + k.
-            self.text_index = torch.arange(int(q.sum())) + (self.text_lens.long() - q - start)[self.row]
+            self.row = np.repeat(np.arange(len(q_len)), q)
+            # Token k of request i is its text token done_text_i + k.
+            self.text_index = np.arange(int(q.sum())) + (done_text - (np.cumsum(q) - q))[self.row]
+
+    def text_tensors(self, seq_lens: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For an all-text step's deep KV groups (shared by all of them, made at the first): each token's request
+        row, block column and offset in its request's text-only blocks, and the requests' text lengths in place of
+        ``seq_lens`` (its padding rows kept)."""
+        key = (seq_lens.device, block_size)
+        if key not in self._tensors:
+            text_lens = seq_lens.clone()
+            text_lens[: len(self.q_len)] = torch.from_numpy(self.text_lens).to(text_lens)
+            self._tensors[key] = (*(torch.from_numpy(a).to(seq_lens.device) for a in (
+                self.row, self.text_index // block_size, self.text_index % block_size)), text_lens)
+        return self._tensors[key]
 
     @classmethod
     def of(cls, runner, num_reqs: int) -> _Step:
@@ -216,18 +235,15 @@ def _text_stream_backend(backend: type) -> type:
 def _text_view(step: _Step, cm: CommonAttentionMetadata, block_size: int) -> CommonAttentionMetadata:
     """One deep KV group's metadata of an all-text step as the text stream sees it. Its slot mapping (the runner's
     buffer for the group, which the layers read from the forward context) is rewritten in place."""
-    device = cm.seq_lens.device
-    num_reqs, n = len(step.q_len), step.text_index.numel()
-    index = step.text_index.to(device)
-    slots = cm.block_table_tensor[step.row.to(device), index // block_size].long() * block_size + index % block_size
-    cm.slot_mapping[:n].copy_(slots)
-    seq_lens = cm.seq_lens.clone()
-    seq_lens[:num_reqs] = step.text_lens.to(device=device, dtype=seq_lens.dtype)
-    changed = {"seq_lens": seq_lens, "max_seq_len": step.max_text_len}
+    row, column, offset, text_lens = step.text_tensors(cm.seq_lens, block_size)
+    slots = cm.slot_mapping[: row.numel()]
+    slots.copy_(cm.block_table_tensor[row, column])
+    slots.mul_(block_size).add_(offset)
+    changed = {"seq_lens": text_lens, "max_seq_len": step.max_text_len}
     upper = getattr(cm, "seq_lens_cpu_upper_bound", None)
     if upper is not None:
         upper = upper.clone()
-        upper[:num_reqs] = step.text_lens.to(upper.dtype)
+        upper[: len(step.q_len)] = torch.from_numpy(step.text_lens).to(upper.dtype)
         changed["seq_lens_cpu_upper_bound"] = upper
     return dataclasses.replace(cm, **changed)
 
@@ -386,10 +402,15 @@ class _DPVRForConditionalGeneration:
 
         backend = decoder.layers[0].self_attn.attn.get_attn_backend().get_name()
         if backend not in SUPPORTED_ATTENTION_BACKENDS:
-            raise NotImplementedError(
-                f"{type(self).__name__}: the deep layers' text-only attention metadata is implemented and tested for the "
-                f"{SUPPORTED_ATTENTION_BACKENDS} attention backend(s) (vLLM's CPU build); this engine uses {backend}"
-            )
+            if os.environ.get(TRY_BACKEND_ENV) != backend:
+                raise NotImplementedError(
+                    f"{type(self).__name__}: the deep layers' text-only attention metadata is implemented and tested for "
+                    f"the {SUPPORTED_ATTENTION_BACKENDS} attention backend(s) (vLLM's CPU build); this engine uses "
+                    f"{backend}"
+                )
+            logging.getLogger(__name__).warning("%s: serving with the untested attention backend %s (%s=%s): check "
+                                                "its answers against HF", type(self).__name__, backend,
+                                                TRY_BACKEND_ENV, backend)
         self.deep_layers = range(self.route_layer, num_layers - self.fusion_layers)
         self._deep_names = [decoder.layers[i].self_attn.attn.layer_name for i in self.deep_layers]
         # The three layer ranges as modules vLLM compiles (unless enforce_eager): [0, r), [r, N-f), [N-f, N) + norm.
