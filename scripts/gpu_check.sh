@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU validation kit: build the CUDA extension, run the CUDA-marked tests, check a cuda:0/cpu device_map
 # split (scripts/device_map_check.py), run the benchmarks at
-# LLaVA-1.5-7B shapes (bf16), and write a report (markdown + JSON) into benchmarks/results/. Meant for one
+# LLaVA-1.5-7B shapes (bf16), try the vLLM plugin with CUDA graphs where vLLM's CUDA build is installed
+# (scripts/vllm_cuda_check.py), and write a report (markdown + JSON) into benchmarks/results/. Meant for one
 # short run (< 9 min in all: every stage has a time cap within one overall deadline) on a lent GPU that has
 # torch with CUDA, Triton and transformers installed. Prints a short table last.
 #
@@ -9,7 +10,8 @@
 #   bash scripts/gpu_check.sh --dry-run    # no GPU needed: every stage on CPU, one-round benchmarks, report
 #                                          # into a temporary folder (checks the kit itself; CI runs this)
 #
-# Exit code: 0 all stages passed, 1 a stage failed or ran out of time (the report says which), 3 no GPU.
+# Exit code: 0 all stages passed (or, for the vLLM stage, found no vLLM to run), 1 a stage failed or ran out of
+# time (the report says which), 3 no GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-}
@@ -43,7 +45,7 @@ STAGES="$OUT/gpu_stages.tsv"
 # Outputs of an earlier run must not pass for this run's (a stage cut short writes fewer files).
 rm -f "$OUT"/gpu_{stages.tsv,build.log,tests.txt,tests.xml,device_map.txt,bench.md,bench.json,bench_log.txt} \
     "$OUT"/gpu_{report.md,report.json,capacity.json,capacity_log.txt,bench_compiled.md,bench_compiled.json} \
-    "$OUT"/gpu_bench_compiled_log.txt
+    "$OUT"/gpu_bench_compiled_log.txt "$OUT"/gpu_vllm.{txt,json}
 : > "$STAGES"
 export PYTHONUNBUFFERED=1  # logs complete up to the moment a stage is stopped
 log() { echo "[gpu_check $(date -u +%T)] $*"; }
@@ -113,5 +115,10 @@ stage capacity 100 "$OUT/gpu_capacity_log.txt" "$PY" scripts/capacity.py --out "
 DPVR_BENCH_OUT="$OUT/gpu_bench_compiled.md" DPVR_BENCH_JSON="$OUT/gpu_bench_compiled.json" \
     stage benchmarks_compiled 150 "$OUT/gpu_bench_compiled_log.txt" "$PY" -m pytest benchmarks --benchmark-only \
     -q -p no:cacheprovider -rfE -k compiled
+
+# ---- vLLM plugin on CUDA (issue 23) ----------------------------------------------------------------------------
+# Piecewise CUDA graphs at vLLM's defaults, tokens equal to eager's, eager equal to HF DPVR-LF as often as stock's
+# are to stock HF. Needs vLLM's CUDA build (VLLM_PYTHON chooses its interpreter); exit 4 where there is none.
+stage vllm_cuda 150 "$OUT/gpu_vllm.txt" "${VLLM_PYTHON:-$PY}" scripts/vllm_cuda_check.py --out "$OUT/gpu_vllm.json"
 
 "$PY" scripts/gpu_report.py "$OUT" --dry-run=$DRY_RUN

@@ -69,7 +69,7 @@ def read_stages(out: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         name, rc, seconds, cap = line.split("\t")
         status = {"skipped": "skipped", "deadline": "not run (deadline reached)", "0": "passed",
-                  "124": "out of time"}.get(rc, f"failed (exit {rc})")
+                  "124": "out of time", "4": "not available here (see its log)"}.get(rc, f"failed (exit {rc})")
         stages.append({"stage": name, "status": status, "seconds": int(seconds), "cap_s": int(cap)})
     return stages
 
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     env = environment()
     stages, tests, bench, capacity = read_stages(out), read_tests(out), read_bench(out), read_capacity(out)
-    ok = bool(stages) and all(s["status"] in ("passed", "skipped") for s in stages)
+    ok = bool(stages) and all(s["status"] in ("passed", "skipped", "not available here (see its log)")
+                              for s in stages)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     report = {"date": stamp, "dry_run": bool(args.dry_run), "ok": ok, "environment": env, "stages": stages,
               "tests": tests, "benchmarks": bench, "capacity": capacity}
@@ -186,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     md += ["", "## CUDA tests (tail of the log)", "", "```"]
     log = out / "gpu_tests.txt"
     md += log.read_text().splitlines()[-30:] if log.exists() else ["(no log)"]
+    md += ["```", "", "## vLLM plugin on CUDA (tail of the log)", "", "```"]
+    log = out / "gpu_vllm.txt"
+    md += log.read_text().splitlines()[-12:] if log.exists() else ["(no log)"]
     md += ["```", "", "## Benchmarks", ""]
     for name in ("gpu_bench.md", "gpu_bench_compiled.md"):
         tables = out / name

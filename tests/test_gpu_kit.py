@@ -39,8 +39,12 @@ def test_dry_run_writes_the_report(tmp_path):
     assert "all stages passed" in proc.stdout
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     assert report["dry_run"] and report["ok"]
-    stages = ["build", "tests", "device_map", "benchmarks", "capacity", "benchmarks_compiled"]
+    stages = ["build", "tests", "device_map", "benchmarks", "capacity", "benchmarks_compiled", "vllm_cuda"]
     assert [s["stage"] for s in report["stages"]] == stages
+    # The vLLM stage needs vLLM's CUDA build and a GPU: here it says so and is not counted as passed.
+    assert report["stages"][-1]["status"] == "not available here (see its log)"
+    assert "not run: " in (tmp_path / "gpu_vllm.txt").read_text()
+    assert not json.loads((tmp_path / "gpu_vllm.json").read_text())["ran"]
     capacity = report["capacity"]  # the dry run's CPU budget admits the whole (small) search range
     assert capacity["max_batch"] == {"stock": 2, "dpvr": 2} and capacity["new_tokens"] == 2
     # the device_map stage ran its CPU/disk-offload variant and passed

@@ -559,13 +559,17 @@ def test_plugin_serves_text_only_when_multimodal_inputs_are_off(folders):
 
 def test_plugin_refuses_an_untested_attention_backend(folders, monkeypatch):
     """The deep layers' metadata rewrite is tested on CPU_ATTN only: any other backend stops the engine at start
-    (emulated by taking CPU_ATTN off the list; the engine runs in this process, conftest.py)."""
+    (emulated by taking CPU_ATTN off the list; the engine runs in this process, conftest.py), unless it is named in
+    DPVR_VLLM_TRY_BACKEND."""
     from dpvr_kernels.vllm import model as plugin_model
 
     monkeypatch.setattr(plugin_model, "SUPPORTED_ATTENTION_BACKENDS", ("FLASH_ATTN",))
     _, dpvr = folders
     with pytest.raises(Exception, match=r"tested for the \('FLASH_ATTN',\) attention backend.*uses CPU_ATTN"):
         vllm_greedy(dpvr, **EAGER)
+    # Named in DPVR_VLLM_TRY_BACKEND (the GPU kit's vLLM stage), the backend is served, with a warning.
+    monkeypatch.setenv(plugin_model.TRY_BACKEND_ENV, "CPU_ATTN")
+    assert vllm_greedy(dpvr, **EAGER)[0] == hf_greedy(dpvr, patched=True)[0]
 
 
 def test_model_module_refuses_other_vllm_versions(monkeypatch):
