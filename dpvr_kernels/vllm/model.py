@@ -109,7 +109,7 @@ class _Step:
     placeholders: a request that starts from cached blocks has vision tokens before its first scheduled token).
 
     ``all_text``: no vision token is scheduled (every decode step, text-only prompts, prompt chunks past the
-    images). Such a step needs no route: the deep layers' metadata builder (:class:`_TextStreamBuilder`) turns their
+    images). Such a step needs no route: the deep layers' metadata builder (``_TextStreamBuilder``) turns their
     metadata into the text stream's view, so the forward runs the three layer ranges back to back with no host work
     of its own (what CUDA graphs of a decode step need). ``text_index``: then each token's index in its request's
     text stream, ``row`` its request."""
@@ -123,7 +123,7 @@ class _Step:
         self.max_text_len = 0
         self._tensors: dict = {}
         if all_text and any(vision_before):  # else every stream index is the token's own index: nothing to change
-            # Host arithmetic in numpy (a few small arrays); the tensors are made once per step (text_tensors).
+            # Host arithmetic in numpy (a few small arrays); the tensors are made once per step (slot_index).
             q = np.asarray(q_len, dtype=np.int64)
             done_text = np.asarray(done, dtype=np.int64) - np.asarray(vision_before, dtype=np.int64)
             self.text_lens = done_text + q
@@ -132,17 +132,21 @@ class _Step:
             # Token k of request i is its text token done_text_i + k.
             self.text_index = np.arange(int(q.sum())) + (done_text - (np.cumsum(q) - q))[self.row]
 
-    def text_tensors(self, seq_lens: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """For an all-text step's deep KV groups (shared by all of them, made at the first): each token's request
-        row, block column and offset in its request's text-only blocks, and the requests' text lengths in place of
-        ``seq_lens`` (its padding rows kept)."""
-        key = (seq_lens.device, block_size)
+    def slot_index(self, device: torch.device, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        """For an all-text step's deep KV groups (made once per step, shared by all of them): each token's request
+        row, block column and offset in its request's text-only blocks."""
+        key = (device, block_size)
         if key not in self._tensors:
-            text_lens = seq_lens.clone()
-            text_lens[: len(self.q_len)] = torch.from_numpy(self.text_lens).to(text_lens)
-            self._tensors[key] = (*(torch.from_numpy(a).to(seq_lens.device) for a in (
-                self.row, self.text_index // block_size, self.text_index % block_size)), text_lens)
+            self._tensors[key] = tuple(torch.from_numpy(a).to(device) for a in (
+                self.row, self.text_index // block_size, self.text_index % block_size))
         return self._tensors[key]
+
+    def text_seq_lens(self, seq_lens: Tensor) -> Tensor:
+        """``seq_lens`` (the runner's, padding rows kept) with the requests' text lengths (made once per step)."""
+        if "seq_lens" not in self._tensors:
+            text_lens = self._tensors["seq_lens"] = seq_lens.clone()
+            text_lens[: len(self.q_len)] = torch.from_numpy(self.text_lens).to(text_lens)
+        return self._tensors["seq_lens"]
 
     @classmethod
     def of(cls, runner, num_reqs: int) -> _Step:
@@ -201,6 +205,38 @@ for _name, _wrap in (("_build_attention_metadata", _note_step), ("_dummy_run", _
         setattr(GPUModelRunner, _name, _wrap(getattr(GPUModelRunner, _name)))
 
 
+def _shares_builds(backend: type) -> bool:
+    """Whether one build of ``backend``'s metadata can serve every KV group of one spec in a step (vLLM's fast path
+    for hybrid models: ``update_block_table``). CPU_ATTN's metadata differs between such groups only in the block
+    table and slots (its scheduler metadata depends on the step's lengths alone), so the plugin adds the method
+    there: the plugin's layers span many one-layer groups (vLLM gives every group the side branch's one layer)."""
+    return backend.get_builder_cls().supports_update_block_table or backend.get_name() == "CPU_ATTN"
+
+
+def _with_block_table(base: type, builder, metadata, block_table: Tensor, slot_mapping: Tensor):
+    if base.supports_update_block_table:
+        return base.update_block_table(builder, metadata, block_table, slot_mapping)
+    return dataclasses.replace(metadata, block_table=block_table, slot_mapping=slot_mapping)  # CPU_ATTN
+
+
+@functools.cache
+def _full_layers_backend(backend: type) -> type:
+    """The full layers' attention backend: ``backend``, whose metadata one build per step serves all their KV groups
+    (``_shares_builds``)."""
+    base = backend.get_builder_cls()
+    if base.supports_update_block_table or not _shares_builds(backend):
+        return backend
+
+    class _SharedBuilder(base):
+        supports_update_block_table = True
+
+        def update_block_table(self, metadata, blk_table: Tensor, slot_mapping: Tensor):
+            return _with_block_table(base, self, metadata, blk_table, slot_mapping)
+
+    _SharedBuilder.__qualname__ = _SharedBuilder.__name__ = f"DPVRShared{base.__name__}"
+    return subclass_attention_backend("DPVRShared", backend, _SharedBuilder)
+
+
 @functools.cache
 def _text_stream_backend(backend: type) -> type:
     """The deep layers' attention backend: ``backend`` with :class:`_TextStreamBuilder` as its metadata builder."""
@@ -210,9 +246,10 @@ def _text_stream_backend(backend: type) -> type:
         """Builds the deep layers' metadata for the text stream in an all-text step (queries: each request's text
         tokens now; keys: its text tokens so far; slots: their compacted indices in the request's text-only blocks),
         the way vLLM's KV-sharing fast prefill builds some layers' metadata for a subset of the tokens. A step with
-        vision tokens is routed in the forward, which builds this view after the route (``_group_metadata``)."""
+        vision tokens is routed in the forward, which builds this view after the route (``_group_metadata``). The
+        view is the same in every deep KV group but for the block table and slots (``update_block_table``)."""
 
-        supports_update_block_table = False  # the slots follow each group's block table: build every group
+        supports_update_block_table = _shares_builds(backend)
 
         @classmethod
         def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
@@ -228,18 +265,29 @@ def _text_stream_backend(backend: type) -> type:
                 common_attn_metadata = _text_view(step, common_attn_metadata, self.kv_cache_spec.block_size)
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
 
+        def update_block_table(self, metadata, blk_table: Tensor, slot_mapping: Tensor):
+            step = _STEP[0]
+            if step is not None and step.text_lens is not None:
+                _text_slots(step, blk_table, slot_mapping, self.kv_cache_spec.block_size)
+            return _with_block_table(base, self, metadata, blk_table, slot_mapping)
+
     _TextStreamBuilder.__qualname__ = _TextStreamBuilder.__name__ = f"DPVRTextStream{base.__name__}"
     return subclass_attention_backend("DPVRTextStream", backend, _TextStreamBuilder)
 
 
-def _text_view(step: _Step, cm: CommonAttentionMetadata, block_size: int) -> CommonAttentionMetadata:
-    """One deep KV group's metadata of an all-text step as the text stream sees it. Its slot mapping (the runner's
-    buffer for the group, which the layers read from the forward context) is rewritten in place."""
-    row, column, offset, text_lens = step.text_tensors(cm.seq_lens, block_size)
-    slots = cm.slot_mapping[: row.numel()]
-    slots.copy_(cm.block_table_tensor[row, column])
+def _text_slots(step: _Step, block_table: Tensor, slot_mapping: Tensor, block_size: int) -> None:
+    """Writes an all-text step's compacted text-stream slots for one deep KV group into its slot mapping (the runner's
+    buffer for the group, which the layers read from the forward context)."""
+    row, column, offset = step.slot_index(slot_mapping.device, block_size)
+    slots = slot_mapping[: row.numel()]
+    slots.copy_(block_table[row, column])
     slots.mul_(block_size).add_(offset)
-    changed = {"seq_lens": text_lens, "max_seq_len": step.max_text_len}
+
+
+def _text_view(step: _Step, cm: CommonAttentionMetadata, block_size: int) -> CommonAttentionMetadata:
+    """One deep KV group's metadata of an all-text step as the text stream sees it (its slots rewritten in place)."""
+    _text_slots(step, cm.block_table_tensor, cm.slot_mapping, block_size)
+    changed = {"seq_lens": step.text_seq_lens(cm.seq_lens), "max_seq_len": step.max_text_len}
     upper = getattr(cm, "seq_lens_cpu_upper_bound", None)
     if upper is not None:
         upper = upper.clone()
@@ -431,6 +479,9 @@ class _DPVRForConditionalGeneration:
             attn = decoder.layers[i].self_attn.attn
             attn.get_kv_cache_spec = functools.partial(_text_only_kv_cache_spec, attn)
             attn.attn_backend = _text_stream_backend(attn.attn_backend)  # their metadata: the text stream's view
+        for i in [*range(self.route_layer), *range(num_layers - self.fusion_layers, num_layers)]:
+            attn = decoder.layers[i].self_attn.attn
+            attn.attn_backend = _full_layers_backend(attn.attn_backend)  # one build serves all their KV groups
         # A fusion layer is always full attention (layer 0 is a deep layer when r = 0): its metadata gives a routed
         # step's query starts.
         self._full_name = decoder.layers[num_layers - 1].self_attn.attn.layer_name

@@ -212,7 +212,8 @@ def test_all_text_steps_run_unrouted_on_the_builders_text_view(folders, monkeypa
     builder already gave them the text stream's view (keys: each request's text tokens so far), and the forward
     runs the three layer ranges back to back. Between the ranges it reads nothing from the device, which CUDA graphs
     of a decode step need: the only op outside the layers is the residual's zeros (counted with a dispatch mode
-    that pauses inside the ranges). Tokens equal HF DPVR-LF's."""
+    that pauses inside the ranges). One metadata build per step serves all KV groups of the full layers, and of
+    the deep layers. Tokens equal HF DPVR-LF's."""
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
     from vllm.forward_context import get_forward_context
 
@@ -242,6 +243,13 @@ def test_all_text_steps_run_unrouted_on_the_builders_text_view(folders, monkeypa
         if step is None or not ctx.attn_metadata:
             return forward(self, *args, **kwargs)
         record = {"all_text": step.all_text, "routed": False, "vision_before": sum(step.vision_before)}
+        # One metadata build per step serves all KV groups of the full layers, and of the deep layers (each group
+        # its own block table): several metadata objects, one scheduler metadata.
+        full = [n for n in ctx.attn_metadata if n not in self._deep_names and n != self._side_name]
+        for names in (full, self._deep_names):
+            metas = [ctx.attn_metadata[n] for n in names]
+            record.setdefault("builds", []).append((len({id(m) for m in metas}),
+                                                    len({id(m.scheduler_metadata) for m in metas})))
         if step.all_text:
             full = ctx.attn_metadata[self._full_name].seq_lens.tolist()
             record["want"] = [s - v for s, v in zip(full, step.vision_before, strict=True)]
@@ -273,6 +281,8 @@ def test_all_text_steps_run_unrouted_on_the_builders_text_view(folders, monkeypa
     text_steps = [s for s in steps if s["all_text"]]
     assert all(s["routed"] != s["all_text"] for s in steps), "exactly the steps with vision tokens are routed"
     assert any(s["vision_before"] for s in text_steps), "no decode step after an image"
+    for s in steps:
+        assert all(groups > 1 and builds == 1 for groups, builds in s["builds"]), s["builds"]
     for s in text_steps:
         assert s["got"] == s["want"], f"the deep layers' keys {s['got']} are not the text tokens so far {s['want']}"
         assert s["ops"] == ["aten.zeros_like"], f"ops outside the layer ranges in an all-text step: {s['ops']}"
