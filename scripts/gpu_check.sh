@@ -119,6 +119,13 @@ DPVR_BENCH_OUT="$OUT/gpu_bench_compiled.md" DPVR_BENCH_JSON="$OUT/gpu_bench_comp
 # ---- vLLM plugin on CUDA (issue 23) ----------------------------------------------------------------------------
 # Piecewise CUDA graphs at vLLM's defaults, tokens equal to eager's, eager equal to HF DPVR-LF as often as stock's
 # are to stock HF. Needs vLLM's CUDA build (VLLM_PYTHON chooses its interpreter); exit 4 where there is none.
-stage vllm_cuda 150 "$OUT/gpu_vllm.txt" "${VLLM_PYTHON:-$PY}" scripts/vllm_cuda_check.py --out "$OUT/gpu_vllm.json"
+VPY=${VLLM_PYTHON:-$PY}
+if "$VPY" -c "import vllm" 2> /dev/null; then
+    stage vllm_cuda 150 "$OUT/gpu_vllm.txt" "$VPY" scripts/vllm_cuda_check.py --out "$OUT/gpu_vllm.json"
+else  # nothing to run: the script says why at once, whatever the deadline
+    "$VPY" scripts/vllm_cuda_check.py --out "$OUT/gpu_vllm.json" > "$OUT/gpu_vllm.txt" 2>&1
+    printf '%s\t%s\t%s\t%s\n' vllm_cuda $? 0 0 >> "$STAGES"
+    log "vllm_cuda: $(tail -1 "$OUT/gpu_vllm.txt")"
+fi
 
 "$PY" scripts/gpu_report.py "$OUT" --dry-run=$DRY_RUN
