@@ -251,8 +251,8 @@ def test_all_text_steps_run_unrouted_on_the_builders_text_view(folders, monkeypa
             record.setdefault("builds", []).append((len({id(m) for m in metas}),
                                                     len({id(m.scheduler_metadata) for m in metas})))
         if step.all_text:
-            full = ctx.attn_metadata[self._full_name].seq_lens.tolist()
-            record["want"] = [s - v for s, v in zip(full, step.vision_before, strict=True)]
+            seq_lens = ctx.attn_metadata[self._full_name].seq_lens.tolist()
+            record["want"] = [s - v for s, v in zip(seq_lens, step.vision_before, strict=True)]
             record["got"] = ctx.attn_metadata[self._deep_names[-1]].seq_lens.tolist()
         steps.append(record)
         if not step.all_text:
