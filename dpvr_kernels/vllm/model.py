@@ -275,13 +275,20 @@ def _text_stream_backend(backend: type) -> type:
     return subclass_attention_backend("DPVRTextStream", backend, _TextStreamBuilder)
 
 
+def _compacted_slots(block_table: Tensor, row: Tensor, column: Tensor, offset: Tensor, block_size: int,
+                     out: Tensor | None = None) -> Tensor:
+    """The KV slots of stream tokens at compacted indices ``column * block_size + offset`` of their requests'
+    (``row``) blocks, into ``out`` if given."""
+    slots = out if out is not None else torch.empty(row.numel(), dtype=torch.long, device=block_table.device)
+    slots.copy_(block_table[row, column])
+    return slots.mul_(block_size).add_(offset)
+
+
 def _text_slots(step: _Step, block_table: Tensor, slot_mapping: Tensor, block_size: int) -> None:
     """Writes an all-text step's compacted text-stream slots for one deep KV group into its slot mapping (the runner's
     buffer for the group, which the layers read from the forward context)."""
     row, column, offset = step.slot_index(slot_mapping.device, block_size)
-    slots = slot_mapping[: row.numel()]
-    slots.copy_(block_table[row, column])
-    slots.mul_(block_size).add_(offset)
+    _compacted_slots(block_table, row, column, offset, block_size, out=slot_mapping[: row.numel()])
 
 
 def _text_view(step: _Step, cm: CommonAttentionMetadata, block_size: int) -> CommonAttentionMetadata:
@@ -613,7 +620,14 @@ class _DPVRForConditionalGeneration:
         ctx = get_forward_context()
         saved_metadata, saved_slots = ctx.attn_metadata, ctx.slot_mapping
         builder = self._builder(tuple(names))
-        built = {id(meta): builder.build(0, meta) for meta in metadata.values()}
+        built: dict[int, object] = {}
+        for meta in metadata.values():  # one build; the other KV groups' differ in block table and slots only
+            if id(meta) in built:
+                continue
+            first = next(iter(built.values()), None)
+            built[id(meta)] = (builder.update_block_table(first, meta.block_table_tensor, meta.slot_mapping)
+                               if first is not None and builder.supports_update_block_table
+                               else builder.build(0, meta))
         ctx.attn_metadata = {**saved_metadata, **{name: built[id(meta)] for name, meta in metadata.items()}}
         ctx.slot_mapping = {**saved_slots, **{name: meta.slot_mapping for name, meta in metadata.items()}}
         try:
@@ -675,8 +689,8 @@ class _DPVRForConditionalGeneration:
         device = group_step.block_table.device
         block_size = self._block_size()
         block_table = group_step.block_table[keep]
-        slots = block_table[row.to(device), (index // block_size).to(device)].long() * block_size + (
-            index % block_size).to(device)
+        slots = _compacted_slots(block_table, row.to(device), (index // block_size).to(device),
+                                 (index % block_size).to(device), block_size)
         return CommonAttentionMetadata(
             query_start_loc=query_start.to(device),
             query_start_loc_cpu=query_start,
