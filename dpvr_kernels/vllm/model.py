@@ -27,6 +27,7 @@ Imported by vLLM (through :func:`dpvr_kernels.vllm.register`) only when a DPVR c
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
@@ -63,12 +64,20 @@ from vllm.v1.attention.backend import (  # noqa: E402
     CommonAttentionMetadata,
     subclass_attention_backend,
 )
+from vllm.v1.attention.backends.utils import PAD_SLOT_ID  # noqa: E402
+from vllm.v1.worker.block_table import MultiGroupBlockTable  # noqa: E402
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
 
 from ..models.attention import attend_segments  # noqa: E402
 from ..ops import fuse_merge, route_split  # noqa: E402
 from ..plan import build_route_plan_from_mask  # noqa: E402
-from .kv_cache import VisionLayout, text_only_spec, vision_only_spec  # noqa: E402
+from .kv_cache import (  # noqa: E402
+    TextOnlyAttentionSpec,
+    VisionLayout,
+    VisionOnlyAttentionSpec,
+    text_only_spec,
+    vision_only_spec,
+)
 
 __all__ = ["DPVRLlavaForConditionalGeneration", "DPVRLlavaNextForConditionalGeneration",
            "DPVRLlavaOnevisionForConditionalGeneration", "DPVRQwen2_5_VLForConditionalGeneration", "SideBranchAttention"]
@@ -112,7 +121,7 @@ class _Step:
     images). Such a step needs no route: the deep layers' metadata builder (``_TextStreamBuilder``) turns their
     metadata into the text stream's view, so the forward runs the three layer ranges back to back with no host work
     of its own (what CUDA graphs of a decode step need). ``text_index``: then each token's index in its request's
-    text stream, ``row`` its request."""
+    text stream, ``row`` its request (the deep groups' slots are always the plugin's to write: ``_slot_mapping``)."""
 
     __slots__ = ("_tensors", "all_text", "done", "max_text_len", "q_len", "row", "text_index", "text_lens",
                  "vision_before")
@@ -122,7 +131,7 @@ class _Step:
         self.text_index = self.row = self.text_lens = None
         self.max_text_len = 0
         self._tensors: dict = {}
-        if all_text and any(vision_before):  # else every stream index is the token's own index: nothing to change
+        if all_text:
             # Host arithmetic in numpy (a few small arrays); the tensors are made once per step (slot_index).
             q = np.asarray(q_len, dtype=np.int64)
             done_text = np.asarray(done, dtype=np.int64) - np.asarray(vision_before, dtype=np.int64)
@@ -132,13 +141,13 @@ class _Step:
             # Token k of request i is its text token done_text_i + k.
             self.text_index = np.arange(int(q.sum())) + (done_text - (np.cumsum(q) - q))[self.row]
 
-    def slot_index(self, device: torch.device, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    def slot_index(self, device: torch.device, block_size: int) -> tuple:
         """For an all-text step's deep KV groups (made once per step, shared by all of them): each token's request
-        row, block column and offset in its request's text-only blocks."""
+        row, block column and offset in its request's text-only blocks (numpy arrays for a CPU, else tensors)."""
         key = (device, block_size)
         if key not in self._tensors:
-            self._tensors[key] = tuple(torch.from_numpy(a).to(device) for a in (
-                self.row, self.text_index // block_size, self.text_index % block_size))
+            split = (self.row, *np.divmod(self.text_index, block_size))
+            self._tensors[key] = split if device.type == "cpu" else tuple(torch.from_numpy(a).to(device) for a in split)
         return self._tensors[key]
 
     def text_seq_lens(self, seq_lens: Tensor) -> Tensor:
@@ -179,6 +188,9 @@ def _note_step(build_attention_metadata):
         num_reqs = kwargs["num_reqs"] if "num_reqs" in kwargs else args[1]
         real = not _DUMMY[0] and not kwargs.get("for_cudagraph_capture") and self.input_batch.num_reqs == num_reqs
         _STEP[0] = _Step.of(self, num_reqs) if real else None
+        tables = self.input_batch.block_table
+        if "_dpvr_full_groups" not in tables.__dict__ and getattr(self, "kv_cache_config", None) is not None:
+            tables._dpvr_full_groups = _full_groups(self, tables)  # once per input batch (made again per KV config)
         return build_attention_metadata(self, *args, **kwargs)
 
     wrapper._dpvr_wrapped = True
@@ -200,9 +212,54 @@ def _note_dummy(dummy_run):
     return wrapper
 
 
-for _name, _wrap in (("_build_attention_metadata", _note_step), ("_dummy_run", _note_dummy)):
-    if not getattr(getattr(GPUModelRunner, _name), "_dpvr_wrapped", False):  # the CPU runner inherits both
-        setattr(GPUModelRunner, _name, _wrap(getattr(GPUModelRunner, _name)))
+def _full_groups(runner, tables: MultiGroupBlockTable) -> list | None:
+    """The block tables of a DPVR model's full-layer KV groups, whose slots ``_slot_mapping`` computes on a CPU;
+    ``None`` (vLLM's own per-group kernel) for other models, other devices and context parallelism."""
+    groups = runner.kv_cache_config.kv_cache_groups
+    streams = [isinstance(g.kv_cache_spec, (TextOnlyAttentionSpec, VisionOnlyAttentionSpec)) for g in groups]
+    if (not any(streams) or len(groups) != len(tables.block_tables) or runner.device.type != "cpu"
+            or any(t.dcp_world_size != 1 or t.pcp_world_size != 1 for t in tables.block_tables)):
+        return None
+    return [table for table, stream in zip(tables.block_tables, streams, strict=True) if not stream]
+
+
+def _slot_mapping(compute_slot_mapping):
+    """Wraps ``MultiGroupBlockTable.compute_slot_mapping`` (the runner's, every step: each KV group's slot per
+    scheduled token). A DPVR model has many one-layer KV groups (vLLM sizes every group to the side branch's one
+    layer), and on a CPU vLLM's per-group kernel call costs about 0.17 ms of Python each: 2 ms of a 25 ms decode step
+    at 13 groups, where stock's one group pays it once. So on a CPU the plugin computes the full-layer groups' slots
+    itself, from one per-token row/block/offset split shared by all groups (``_compacted_slots``, vLLM's arithmetic:
+    ``block_table[request, position // block_size] * block_size + position % block_size``, the rest of the buffer
+    padded), and skips the deep and side-branch groups: their slots are the compacted stream slots the plugin writes
+    before their layers run (``_text_slots`` in an all-text step, ``_group_metadata`` in a routed one)."""
+
+    @functools.wraps(compute_slot_mapping)
+    def wrapper(self, num_reqs: int, query_start_loc: Tensor, positions: Tensor) -> None:
+        full = self.__dict__.get("_dpvr_full_groups")
+        if full is None:
+            return compute_slot_mapping(self, num_reqs, query_start_loc, positions)
+        position = positions.numpy()  # CPU buffers: numpy views, no copies
+        n = position.shape[0]
+        row = np.repeat(np.arange(num_reqs), np.diff(query_start_loc[: num_reqs + 1].numpy()))
+        split: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for table in full:
+            size = table.block_size
+            if size not in split:
+                split[size] = np.divmod(position, size)
+            slots = table.slot_mapping.gpu.numpy()
+            _compacted_slots(table.block_table.gpu.numpy(), row, *split[size], size, out=slots[:n])
+            slots[n:] = PAD_SLOT_ID
+        return None
+
+    wrapper._dpvr_wrapped = True
+    return wrapper
+
+
+for _owner, _name, _wrap in ((GPUModelRunner, "_build_attention_metadata", _note_step),
+                             (GPUModelRunner, "_dummy_run", _note_dummy),
+                             (MultiGroupBlockTable, "compute_slot_mapping", _slot_mapping)):
+    if not getattr(getattr(_owner, _name), "_dpvr_wrapped", False):  # the CPU runner inherits the runner's
+        setattr(_owner, _name, _wrap(getattr(_owner, _name)))
 
 
 def _shares_builds(backend: type) -> bool:
@@ -216,7 +273,9 @@ def _shares_builds(backend: type) -> bool:
 def _with_block_table(base: type, builder, metadata, block_table: Tensor, slot_mapping: Tensor):
     if base.supports_update_block_table:
         return base.update_block_table(builder, metadata, block_table, slot_mapping)
-    return dataclasses.replace(metadata, block_table=block_table, slot_mapping=slot_mapping)  # CPU_ATTN
+    metadata = copy.copy(metadata)  # CPU_ATTN (a shallow copy: a tenth of dataclasses.replace's cost, every group)
+    metadata.block_table, metadata.slot_mapping = block_table, slot_mapping
+    return metadata
 
 
 @functools.cache
@@ -261,13 +320,13 @@ def _text_stream_backend(backend: type) -> type:
         def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
                   fast_build: bool = False):
             step = _STEP[0]
-            if step is not None and step.text_lens is not None:
+            if step is not None and step.all_text:
                 common_attn_metadata = _text_view(step, common_attn_metadata, self.kv_cache_spec.block_size)
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
 
         def update_block_table(self, metadata, blk_table: Tensor, slot_mapping: Tensor):
             step = _STEP[0]
-            if step is not None and step.text_lens is not None:
+            if step is not None and step.all_text:
                 _text_slots(step, blk_table, slot_mapping, self.kv_cache_spec.block_size)
             return _with_block_table(base, self, metadata, blk_table, slot_mapping)
 
@@ -275,32 +334,54 @@ def _text_stream_backend(backend: type) -> type:
     return subclass_attention_backend("DPVRTextStream", backend, _TextStreamBuilder)
 
 
-def _compacted_slots(block_table: Tensor, row: Tensor, column: Tensor, offset: Tensor, block_size: int,
-                     out: Tensor | None = None) -> Tensor:
-    """The KV slots of stream tokens at compacted indices ``column * block_size + offset`` of their requests'
-    (``row``) blocks, into ``out`` if given."""
-    slots = out if out is not None else torch.empty(row.numel(), dtype=torch.long, device=block_table.device)
-    slots.copy_(block_table[row, column])
-    return slots.mul_(block_size).add_(offset)
+@functools.cache
+def _side_branch_backend(backend: type) -> type:
+    """The side branch's attention backend (when it keeps KV): ``backend``, whose builder skips the build in an
+    all-text step, where the side branch does not run (its last metadata stands in, unread)."""
+    base = backend.get_builder_cls()
+
+    class _SideBranchBuilder(base):
+        _last = None
+
+        def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+                  fast_build: bool = False):
+            step = _STEP[0]
+            if step is None or not step.all_text or self._last is None:
+                self._last = super().build(common_prefix_len, common_attn_metadata, fast_build)
+            return self._last
+
+    _SideBranchBuilder.__qualname__ = _SideBranchBuilder.__name__ = f"DPVRSideBranch{base.__name__}"
+    return subclass_attention_backend("DPVRSideBranch", backend, _SideBranchBuilder)
+
+
+def _compacted_slots(block_table, row, column, offset, block_size: int, out):
+    """Writes into ``out`` the KV slots of tokens at indices ``column * block_size + offset`` of their requests'
+    (``row``) blocks: a stream's compacted indices, or a full group's positions. Tensors, or numpy arrays (the CPU
+    runner's buffers, where a numpy op costs a tenth of a torch one's dispatch)."""
+    out[:] = block_table[row, column]
+    out *= block_size
+    out += offset
+    return out
 
 
 def _text_slots(step: _Step, block_table: Tensor, slot_mapping: Tensor, block_size: int) -> None:
     """Writes an all-text step's compacted text-stream slots for one deep KV group into its slot mapping (the runner's
     buffer for the group, which the layers read from the forward context)."""
     row, column, offset = step.slot_index(slot_mapping.device, block_size)
-    _compacted_slots(block_table, row, column, offset, block_size, out=slot_mapping[: row.numel()])
+    if slot_mapping.device.type == "cpu":  # numpy views of the runner's buffers: no torch dispatch per op
+        block_table, slot_mapping = block_table.numpy(), slot_mapping.numpy()
+    _compacted_slots(block_table, row, column, offset, block_size, out=slot_mapping[: len(row)])
 
 
 def _text_view(step: _Step, cm: CommonAttentionMetadata, block_size: int) -> CommonAttentionMetadata:
     """One deep KV group's metadata of an all-text step as the text stream sees it (its slots rewritten in place)."""
     _text_slots(step, cm.block_table_tensor, cm.slot_mapping, block_size)
-    changed = {"seq_lens": step.text_seq_lens(cm.seq_lens), "max_seq_len": step.max_text_len}
-    upper = getattr(cm, "seq_lens_cpu_upper_bound", None)
-    if upper is not None:
-        upper = upper.clone()
-        upper[: len(step.q_len)] = torch.from_numpy(step.text_lens).to(upper.dtype)
-        changed["seq_lens_cpu_upper_bound"] = upper
-    return dataclasses.replace(cm, **changed)
+    cm = copy.copy(cm)  # a shallow copy, as vLLM's runner makes one per KV group
+    cm.seq_lens, cm.max_seq_len = step.text_seq_lens(cm.seq_lens), step.max_text_len
+    if getattr(cm, "seq_lens_cpu_upper_bound", None) is not None:
+        upper = cm.seq_lens_cpu_upper_bound = cm.seq_lens_cpu_upper_bound.clone()
+        upper.numpy()[: len(step.q_len)] = step.text_lens
+    return cm
 
 
 class SideBranchAttention(nn.Module):
@@ -378,6 +459,16 @@ class _FusionLayers(_LayerRange):
         return self.run(positions, hidden_states, residual)
 
 
+@support_torch_compile(dynamic_arg_dims=_DYNAMIC)
+class _AllLayers(_LayerRange):
+    """Layers ``[0, N)`` and the final norm: an all-text step (every decode step), which needs no route, as one
+    compiled call instead of the three ranges' (each compiled call has its own dispatch and guard cost, about a
+    millisecond of a CPU decode step)."""
+
+    def forward(self, positions: Tensor, hidden_states: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        return self.run(positions, hidden_states, residual)
+
+
 def _side_branch_layer(layer_cls: type, vllm_config: VllmConfig, prefix: str, config) -> nn.Module:
     """A new decoder layer of the backbone's class (the two constructors vLLM's Llama and Qwen2 layers have)."""
     if issubclass(layer_cls, LlamaDecoderLayer):
@@ -448,6 +539,7 @@ class _DPVRForConditionalGeneration:
         if self._side_kv:
             attn = side.self_attn.attn
             attn.get_kv_cache_spec = functools.partial(_vision_only_kv_cache_spec, attn)
+            attn.attn_backend = _side_branch_backend(attn.attn_backend)
         else:
             stock_attn = side.self_attn.attn
             vllm_config.compilation_config.static_forward_context.pop(stock_attn.layer_name)
@@ -482,6 +574,9 @@ class _DPVRForConditionalGeneration:
         with set_model_tag("dpvr_fusion_layers"):
             self._fusion_layers = _FusionLayers(vllm_config=vllm_config, prefix=f"{base}.fusion_layers",
                                                 layers=layers[num_layers - self.fusion_layers :], norm=decoder.norm)
+        with set_model_tag("dpvr_all_layers"):
+            self._all_layers = _AllLayers(vllm_config=vllm_config, prefix=f"{base}.all_layers", layers=layers,
+                                          norm=decoder.norm)
         for i in self.deep_layers:  # their own KV cache group, blocks for text tokens only (kv_cache.py)
             attn = decoder.layers[i].self_attn.attn
             attn.get_kv_cache_spec = functools.partial(_text_only_kv_cache_spec, attn)
@@ -534,15 +629,24 @@ class _DPVRForConditionalGeneration:
         # The residual stream starts at zero: layer 0 adds its input to it exactly as a stock layer with no residual
         # does, and every compiled range gets a tensor.
         residual = torch.zeros_like(hidden)
-        if self._full_layers is not None:
-            hidden, residual = self._full_layers(positions, hidden, residual)
-
         step = _STEP[0]
         attn_metadata = get_forward_context().attn_metadata
         if not attn_metadata or step is None or step.all_text:
             # Every token text (decode steps, text-only prompts, vLLM's dummy runs): no route; the deep layers'
             # metadata is the text stream's view already (_TextStreamBuilder). Nothing here reads the device.
             self._vision_mask = None
+            if step is None:  # a dummy run (profiling, warm-up, graph capture): the routed path's ranges compile too
+                self._ranges(positions, hidden, residual, None, None)
+            return self._all_layers(positions, hidden, residual)[0]
+        return self._ranges(positions, hidden, residual, step, attn_metadata)
+
+    def _ranges(self, positions: Tensor, hidden: Tensor, residual: Tensor, step: _Step | None,
+                attn_metadata: dict | None) -> Tensor:
+        """The routed forward: ``[0, r)``, route, side branch and text stream, fuse, ``[N-f, N)`` (``step``
+        None: the three ranges back to back, a dummy run's warm-up of their compiled code)."""
+        if self._full_layers is not None:
+            hidden, residual = self._full_layers(positions, hidden, residual)
+        if step is None:
             hidden, residual = self._text_stream(positions, hidden, residual)
         else:
             hidden, residual = self._route_text_stream_and_fuse(step, positions, hidden, residual, attn_metadata)
@@ -690,7 +794,8 @@ class _DPVRForConditionalGeneration:
         block_size = self._block_size()
         block_table = group_step.block_table[keep]
         slots = _compacted_slots(block_table, row.to(device), (index // block_size).to(device),
-                                 (index % block_size).to(device), block_size)
+                                 (index % block_size).to(device), block_size,
+                                 out=torch.empty(row.numel(), dtype=torch.long, device=device))
         return CommonAttentionMetadata(
             query_start_loc=query_start.to(device),
             query_start_loc_cpu=query_start,

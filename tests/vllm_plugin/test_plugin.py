@@ -124,8 +124,9 @@ def test_plugin_matches_hf_dpvr_generate(folders, stock_error):
 
 def test_compiled_plugin_matches_eager_and_hf(folders, stock_error, monkeypatch):
     """vLLM's default compilation (no enforce_eager): the three layer ranges are compiled modules (Dynamo +
-    Inductor, attention as vLLM's op between the pieces), the routing between them eager. The same tokens as the
-    eager plugin and HF DPVR-LF, log-probs within the control's error."""
+    Inductor, attention as vLLM's op between the pieces), the routing between them eager, and all layers are a
+    fourth one for the steps without vision tokens. The same tokens as the eager plugin and HF DPVR-LF, log-probs
+    within the control's error."""
     from vllm.compilation.counter import compilation_counter
 
     _, dpvr = folders
@@ -134,7 +135,7 @@ def test_compiled_plugin_matches_eager_and_hf(folders, stock_error, monkeypatch)
 
     before = compiles()
     compiled = vllm_greedy(dpvr)
-    assert compiles() - before == 3, "the full, text-stream and fusion ranges are compiled (or loaded compiled)"
+    assert compiles() - before == 4, "the full, text-stream, fusion and all-layer modules are compiled (or loaded)"
     want = hf_greedy(dpvr, patched=True)
     error = greedy_error(compiled, want, "DPVR-LF compiled")
     assert error <= 2 * stock_error + 1e-5, f"compiled log-probs differ by {error:.2e} (control {stock_error:.2e})"
@@ -210,10 +211,10 @@ def test_chunked_prefill_matches_unchunked_and_hf(folders, stock_error, budget, 
 def test_all_text_steps_run_unrouted_on_the_builders_text_view(folders, monkeypatch):
     """Steps with no vision token (decode, prompt chunks past the images) are not routed: the deep layers' metadata
     builder already gave them the text stream's view (keys: each request's text tokens so far), and the forward
-    runs the three layer ranges back to back. Between the ranges it reads nothing from the device, which CUDA graphs
-    of a decode step need: the only op outside the layers is the residual's zeros (counted with a dispatch mode
-    that pauses inside the ranges). One metadata build per step serves all KV groups of the full layers, and of
-    the deep layers. Tokens equal HF DPVR-LF's."""
+    runs all layers as one compiled range. Outside it, it reads nothing from the device, which CUDA graphs of a
+    decode step need: the only op outside the layers is the residual's zeros (counted with a dispatch mode that
+    pauses inside the ranges). One metadata build per step serves all KV groups of the full layers, and of the
+    deep layers. Tokens equal HF DPVR-LF's."""
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
     from vllm.forward_context import get_forward_context
 
@@ -232,8 +233,9 @@ def test_all_text_steps_run_unrouted_on_the_builders_text_view(folders, monkeypa
             self.seen.append(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
-    def paused(run):
+    def paused(run, name, called):
         def call(*args):
+            called.append(name)
             with _disable_current_modes():
                 return run(*args)
         return call
@@ -257,9 +259,10 @@ def test_all_text_steps_run_unrouted_on_the_builders_text_view(folders, monkeypa
         steps.append(record)
         if not step.all_text:
             return forward(self, *args, **kwargs)
-        ranges = [(name, getattr(self, name)) for name in ("_full_layers", "_text_stream", "_fusion_layers")]
-        for name, module in ranges:
-            object.__setattr__(self, name, paused(module))  # an instance attribute shadows the submodule
+        ranges = [(name, getattr(self, name))
+                  for name in ("_full_layers", "_text_stream", "_fusion_layers", "_all_layers")]
+        for name, module in ranges:  # an instance attribute shadows the submodule
+            object.__setattr__(self, name, paused(module, name, record.setdefault("ranges", [])))
         try:
             with Ops() as ops:
                 out = forward(self, *args, **kwargs)
@@ -286,6 +289,39 @@ def test_all_text_steps_run_unrouted_on_the_builders_text_view(folders, monkeypa
     for s in text_steps:
         assert s["got"] == s["want"], f"the deep layers' keys {s['got']} are not the text tokens so far {s['want']}"
         assert s["ops"] == ["aten.zeros_like"], f"ops outside the layer ranges in an all-text step: {s['ops']}"
+        assert s["ranges"] == ["_all_layers"], f"an all-text step ran {s['ranges']}, not all layers as one range"
+
+
+def test_full_groups_slots_equal_vllms_kernel(folders, monkeypatch):
+    """On a CPU the plugin computes the full-layer KV groups' slots itself (one numpy split for all groups instead of
+    vLLM's kernel call per group): every step's slots equal vLLM's kernel's, and the deep and side-branch groups,
+    whose slots the plugin writes before their layers run, are skipped. Tokens equal HF DPVR-LF's."""
+    from vllm.v1.worker.block_table import MultiGroupBlockTable
+
+    ours = MultiGroupBlockTable.compute_slot_mapping
+    vllms = ours.__wrapped__
+    steps = []
+
+    def spy(self, num_reqs, query_start_loc, positions):
+        ours(self, num_reqs, query_start_loc, positions)
+        full = self.__dict__.get("_dpvr_full_groups")
+        if full is None:
+            return
+        n = positions.shape[0]
+        got = [t.slot_mapping.gpu.clone() for t in full]
+        vllms(self, num_reqs, query_start_loc, positions)  # every group, into the same buffers
+        want = [t.slot_mapping.gpu for t in full]
+        steps.append((n, len(full), len(self.block_tables),
+                      all(torch.equal(g, w) for g, w in zip(got, want, strict=True))))
+
+    monkeypatch.setattr(MultiGroupBlockTable, "compute_slot_mapping", spy)
+    _, dpvr = folders
+    got = vllm_greedy(dpvr, **EAGER)
+    assert got[0] == hf_greedy(dpvr, patched=True)[0]
+    assert steps and any(n > 1 for n, *_ in steps), "no prompt step was seen"
+    for n, full, groups, equal in steps:
+        assert 1 <= full < groups, f"{full} of {groups} KV groups computed by the plugin: the streams' not skipped"
+        assert equal, f"a step of {n} tokens: the plugin's full-group slots differ from vLLM's kernel's"
 
 
 def conversation_turns() -> list[tuple[str, list]]:
