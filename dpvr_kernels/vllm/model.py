@@ -185,12 +185,14 @@ def _note_step(build_attention_metadata):
 
     @functools.wraps(build_attention_metadata)
     def wrapper(self, *args, **kwargs):
-        num_reqs = kwargs["num_reqs"] if "num_reqs" in kwargs else args[1]
-        real = not _DUMMY[0] and not kwargs.get("for_cudagraph_capture") and self.input_batch.num_reqs == num_reqs
-        _STEP[0] = _Step.of(self, num_reqs) if real else None
         tables = self.input_batch.block_table
         if "_dpvr_full_groups" not in tables.__dict__ and getattr(self, "kv_cache_config", None) is not None:
             tables._dpvr_full_groups = _full_groups(self, tables)  # once per input batch (made again per KV config)
+        num_reqs = kwargs["num_reqs"] if "num_reqs" in kwargs else args[1]
+        real = not _DUMMY[0] and not kwargs.get("for_cudagraph_capture") and self.input_batch.num_reqs == num_reqs
+        # Only a runner serving a DPVR model (stream KV groups) pays for the step's view: a stock engine in the
+        # same process (the benchmark's) runs as it would alone.
+        _STEP[0] = _Step.of(self, num_reqs) if real and _serves_dpvr(self) else None
         return build_attention_metadata(self, *args, **kwargs)
 
     wrapper._dpvr_wrapped = True
@@ -210,6 +212,18 @@ def _note_dummy(dummy_run):
 
     wrapper._dpvr_wrapped = True
     return wrapper
+
+
+def _serves_dpvr(runner) -> bool:
+    """Whether the runner's model is a DPVR one: its KV cache has the streams' groups (made once per runner)."""
+    served = runner.__dict__.get("_dpvr_served")
+    if served is None:
+        config = getattr(runner, "kv_cache_config", None)
+        if config is None:  # vLLM's profiling run, before the KV cache exists: its steps are dummy runs anyway
+            return True
+        served = runner._dpvr_served = any(
+            isinstance(g.kv_cache_spec, (TextOnlyAttentionSpec, VisionOnlyAttentionSpec)) for g in config.kv_cache_groups)
+    return served
 
 
 def _full_groups(runner, tables: MultiGroupBlockTable) -> list | None:
