@@ -59,7 +59,7 @@ vllm-phase0: $(VSTAMP)
 	VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 timeout 900 .venv-vllm/bin/python scripts/vllm_phase0.py
 
 # The plugin's tests: vLLM with DPVR-LF == HF DPVR-LF generate (LLaVA, NeXT, OneVision, Qwen2.5-VL; eager, compiled,
-# chunked prefill, prefix caching), stock controls, TP 2, KV capacity, refusals (about 7 min on 2 cores).
+# chunked prefill, prefix caching), stock controls, TP 2, KV capacity, refusals (about 12 min on 2 cores).
 vllm-test: $(VSTAMP)
 	DPVR_VLLM_TESTS=1 HF_HUB_OFFLINE=1 timeout 1800 .venv-vllm/bin/python -m pytest tests/vllm_plugin -q
 
