@@ -19,7 +19,7 @@ Per engine step vLLM hands the model the flattened tokens of many requests. The 
 
 A step with no vision token (every decode step) skips 2-5's routing: the deep layers' builder, which vLLM's runner
 calls before the forward (:class:`_Step`, ``_text_stream_backend``), already gave them the text stream's view, so
-the forward runs the three layer ranges back to back.
+the forward runs all layers as one compiled module (``_AllLayers``).
 
 Imported by vLLM (through :func:`dpvr_kernels.vllm.register`) only when a DPVR checkpoint is served.
 """
@@ -119,7 +119,7 @@ class _Step:
 
     ``all_text``: no vision token is scheduled (every decode step, text-only prompts, prompt chunks past the
     images). Such a step needs no route: the deep layers' metadata builder (``_TextStreamBuilder``) turns their
-    metadata into the text stream's view, so the forward runs the three layer ranges back to back with no host work
+    metadata into the text stream's view, so the forward runs all layers as one compiled module with no host work
     of its own (what CUDA graphs of a decode step need). ``text_index``: then each token's index in its request's
     text stream, ``row`` its request (the deep groups' slots are always the plugin's to write: ``_slot_mapping``)."""
 
