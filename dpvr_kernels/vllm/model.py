@@ -214,6 +214,11 @@ def _note_dummy(dummy_run):
     return wrapper
 
 
+def _is_stream(group) -> bool:
+    """Whether a KV cache group is one of the streams' (the deep layers' text-only or the side branch's vision-only)."""
+    return isinstance(group.kv_cache_spec, (TextOnlyAttentionSpec, VisionOnlyAttentionSpec))
+
+
 def _serves_dpvr(runner) -> bool:
     """Whether the runner's model is a DPVR one: its KV cache has the streams' groups (made once per runner)."""
     served = runner.__dict__.get("_dpvr_served")
@@ -221,8 +226,7 @@ def _serves_dpvr(runner) -> bool:
         config = getattr(runner, "kv_cache_config", None)
         if config is None:  # vLLM's profiling run, before the KV cache exists: its steps are dummy runs anyway
             return True
-        served = runner._dpvr_served = any(
-            isinstance(g.kv_cache_spec, (TextOnlyAttentionSpec, VisionOnlyAttentionSpec)) for g in config.kv_cache_groups)
+        served = runner._dpvr_served = any(map(_is_stream, config.kv_cache_groups))
     return served
 
 
@@ -230,11 +234,10 @@ def _full_groups(runner, tables: MultiGroupBlockTable) -> list | None:
     """The block tables of a DPVR model's full-layer KV groups, whose slots ``_slot_mapping`` computes on a CPU;
     ``None`` (vLLM's own per-group kernel) for other models, other devices and context parallelism."""
     groups = runner.kv_cache_config.kv_cache_groups
-    streams = [isinstance(g.kv_cache_spec, (TextOnlyAttentionSpec, VisionOnlyAttentionSpec)) for g in groups]
-    if (not any(streams) or len(groups) != len(tables.block_tables) or runner.device.type != "cpu"
+    if (not _serves_dpvr(runner) or len(groups) != len(tables.block_tables) or runner.device.type != "cpu"
             or any(t.dcp_world_size != 1 or t.pcp_world_size != 1 for t in tables.block_tables)):
         return None
-    return [table for table, stream in zip(tables.block_tables, streams, strict=True) if not stream]
+    return [table for table, group in zip(tables.block_tables, groups, strict=True) if not _is_stream(group)]
 
 
 def _slot_mapping(compute_slot_mapping):
