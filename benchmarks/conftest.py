@@ -1,7 +1,8 @@
 """Shared reporting for the benchmark suites: every figure next to its baseline from the same run.
 
 A benchmark times with ``timing.measure(benchmark, fn, rounds=..., warmup=...)`` (on CUDA the device-event
-median is what gets reported), then calls ``record(benchmark, group=..., name=..., baseline=..., bytes_moved=..., ideal=..., ceiling=...)``.
+median is what gets reported), then calls ``record(benchmark, group=..., name=..., baseline=..., bytes_moved=..., ideal=..., ceiling=...)``;
+one that times several cases in turn with ``timing.measure_paired`` records each with ``case=`` its key.
 One table per group is printed at the end with the median, GB/s (when bytes are given), the fraction of
 the group's ``ceiling`` row (a plain device copy) bandwidth, the speedup against the group's baseline and,
 where the cost model gives one, the ideal speedup and the fraction of it reached.
@@ -51,11 +52,15 @@ def machine() -> str:
 @pytest.fixture
 def record():
     def _record(benchmark, group: str, name: str, baseline: bool = False, ceiling: bool = False,
-                bytes_moved: int | None = None, ideal: float | None = None, note: str = "") -> None:
-        median = median_s(benchmark)
+                bytes_moved: int | None = None, ideal: float | None = None, note: str = "",
+                case: str | None = None) -> None:
+        median = median_s(benchmark, case)
         if median is None:  # --benchmark-disable: nothing was timed
             return
-        timer = "cuda events" if "cuda_event_median_s" in benchmark.extra_info else "host clock"
+        if case is not None:
+            timer = "host clock, paired rounds"
+        else:
+            timer = "cuda events" if "cuda_event_median_s" in benchmark.extra_info else "host clock"
         _ROWS.append(Row(group, name, median, timer, baseline, ceiling, bytes_moved, ideal, note))
         _write_outputs()
 
