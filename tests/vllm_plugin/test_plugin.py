@@ -123,9 +123,9 @@ def test_plugin_matches_hf_dpvr_generate(folders, stock_error):
 
 
 def test_compiled_plugin_matches_eager_and_hf(folders, stock_error, monkeypatch):
-    """vLLM's default compilation (no enforce_eager): the three layer ranges are compiled modules (Dynamo +
-    Inductor, attention as vLLM's op between the pieces), the routing between them eager, and all layers are a
-    fourth one for the steps without vision tokens. The same tokens as the eager plugin and HF DPVR-LF, log-probs
+    """vLLM's default compilation (no enforce_eager): the three layer ranges and the side branch are compiled modules
+    (Dynamo + Inductor, attention as vLLM's op between the pieces), the routing between them eager, and all layers
+    are a fifth one for the steps without vision tokens. The same tokens as the eager plugin and HF DPVR-LF, log-probs
     within the control's error."""
     from vllm.compilation.counter import compilation_counter
 
@@ -135,7 +135,8 @@ def test_compiled_plugin_matches_eager_and_hf(folders, stock_error, monkeypatch)
 
     before = compiles()
     compiled = vllm_greedy(dpvr)
-    assert compiles() - before == 4, "the full, text-stream, fusion and all-layer modules are compiled (or loaded)"
+    assert compiles() - before == 5, ("the full, text-stream, side-branch, fusion and all-layer modules are compiled "
+                                      "(or loaded)")
     want = hf_greedy(dpvr, patched=True)
     error = greedy_error(compiled, want, "DPVR-LF compiled")
     assert error <= 2 * stock_error + 1e-5, f"compiled log-probs differ by {error:.2e} (control {stock_error:.2e})"
@@ -260,7 +261,7 @@ def test_all_text_steps_run_unrouted_on_the_builders_text_view(folders, monkeypa
         if not step.all_text:
             return forward(self, *args, **kwargs)
         ranges = [(name, getattr(self, name))
-                  for name in ("_full_layers", "_text_stream", "_fusion_layers", "_all_layers")]
+                  for name in ("_full_layers", "_text_stream", "_side_branch", "_fusion_layers", "_all_layers")]
         for name, module in ranges:  # an instance attribute shadows the submodule
             object.__setattr__(self, name, paused(module, name, record.setdefault("ranges", [])))
         try:
