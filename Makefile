@@ -59,12 +59,12 @@ vllm-phase0: $(VSTAMP)
 	VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 timeout 900 .venv-vllm/bin/python scripts/vllm_phase0.py
 
 # The plugin's tests: vLLM with DPVR-LF == HF DPVR-LF generate (LLaVA, NeXT, OneVision, Qwen2.5-VL; eager, compiled,
-# chunked prefill, prefix caching), stock controls, TP 2, KV capacity, refusals (about 12 min on 2 cores).
+# chunked prefill, prefix caching), stock controls, TP 2, KV capacity, refusals (8 to 12 min on 2 cores).
 vllm-test: $(VSTAMP)
 	DPVR_VLLM_TESTS=1 HF_HUB_OFFLINE=1 timeout 1800 .venv-vllm/bin/python -m pytest tests/vllm_plugin -q
 
 # vLLM, stock at its defaults vs the plugin: unique images at 1/8/32 concurrent requests and a multi-turn workload
-# (benchmarks/results/vllm_cpu.{md,json}; about 10 min), then the requests that fit at once in the same KV memory
+# (benchmarks/results/vllm_cpu.{md,json}; paired rounds, about 8 min), then the requests that fit at once in the same KV memory
 # (benchmarks/results/vllm_kv_cpu.{md,json}).
 vllm-bench: $(VSTAMP)
 	DPVR_VLLM_TESTS=1 HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=2 \

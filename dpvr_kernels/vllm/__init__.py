@@ -9,8 +9,8 @@ served as usual::
     vllm serve my-dpvr-llava
 
 The model (``dpvr_kernels.vllm.model``) needs exactly vLLM ``TESTED_VLLM_VERSION``. It runs at vLLM's default engine
-settings: compiled graphs (the three layer ranges are compiled modules, the routing between them runs eagerly;
-steps without vision tokens run all layers as a fourth),
+settings: compiled graphs (the three layer ranges and the side branch are compiled modules, the routing between
+them runs eagerly; steps without vision tokens run all layers as a fifth),
 chunked prefill and prefix caching (the side branch and the deep layers keep compacted KV of their own, cached under
 keys that chain over the whole prefix); ``enforce_eager``, ``--no-enable-chunked-prefill`` and
 ``--no-enable-prefix-caching`` work too. It refuses the few settings it cannot serve (pipeline parallelism, LoRA,
