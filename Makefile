@@ -64,8 +64,8 @@ vllm-test: $(VSTAMP)
 	DPVR_VLLM_TESTS=1 HF_HUB_OFFLINE=1 timeout 1800 .venv-vllm/bin/python -m pytest tests/vllm_plugin -q
 
 # vLLM, stock at its defaults vs the plugin: unique images at 1/8/32 concurrent requests and a multi-turn workload
-# (benchmarks/results/vllm_cpu.{md,json}; paired rounds, about 8 min), then the requests that fit at once in the same KV memory
-# (benchmarks/results/vllm_kv_cpu.{md,json}).
+# (benchmarks/results/vllm_cpu.{md,json}; paired rounds, about 8 min), then the requests that fit at once in the
+# same KV memory (benchmarks/results/vllm_kv_cpu.{md,json}).
 vllm-bench: $(VSTAMP)
 	DPVR_VLLM_TESTS=1 HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=2 \
 	DPVR_BENCH_OUT=benchmarks/results/vllm_cpu.md DPVR_BENCH_JSON=benchmarks/results/vllm_cpu.json \
